@@ -1,0 +1,82 @@
+"""The dump stage's work: captured attention and norms for every sample, written to the attention store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline.attention_capture import capture_attention
+from pipeline.attention_store import AttentionStoreWriter
+from pipeline.images import load_images
+from pipeline.models.base import ModelAdapter
+
+
+@dataclass
+class DumpParams:
+    """Which layers to capture and how (SPEC 1.2)."""
+
+    layers: list[int] = field(default_factory=lambda: [14])
+    per_head: bool = False
+    include_eos: bool = False
+    batch_size: int = 16
+    chunk_samples: int = 256
+
+
+def join_responses(manifest: pa.Table, responses: pa.Table) -> list[list[int]]:
+    """Response token ids in manifest order; a manifest sample without a response is an error naming it."""
+    by_id = dict(
+        zip(
+            responses.column("sample_id").to_pylist(),
+            responses.column("response_token_ids").to_pylist(),
+            strict=True,
+        )
+    )
+    ids = manifest.column("sample_id").to_pylist()
+    missing = [s for s in ids if s not in by_id]
+    if missing:
+        raise ValueError(f"responses: no response for sample(s) {missing[:5]} ({len(missing)} in all); rerun decode")
+    return [by_id[s] for s in ids]
+
+
+def max_visual_tokens(adapter: ModelAdapter, manifest: pa.Table) -> int:
+    """Largest visual grid over the manifest, so per-sample grids fit one padded array."""
+    sizes = zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist(), strict=True)
+    return max(h * w for h, w in {adapter.visual_grid(w, h) for w, h in sizes})
+
+
+def dump_attention(
+    adapter: ModelAdapter,
+    manifest: pa.Table,
+    responses: pa.Table,
+    params: DumpParams,
+    writer: AttentionStoreWriter,
+    progress: bool = True,
+) -> None:
+    """Fill every pending range of ``writer`` (finished chunks of an interrupted run are skipped)."""
+    ids = manifest.column("sample_id").to_pylist()
+    refs = manifest.column("image").to_pylist()
+    questions = manifest.column("question").to_pylist()
+    response_ids = join_responses(manifest, responses)
+    pending = writer.pending_ranges()
+    bar = tqdm(total=sum(hi - lo for lo, hi in pending), desc="dump", unit="sample", disable=not progress)
+    for lo, hi in pending:
+        for start in range(lo, hi, params.batch_size):
+            stop = min(start + params.batch_size, hi)
+            images = load_images(refs[start:stop], ids[start:stop])
+            prompts = [adapter.render_prompt(q) for q in questions[start:stop]]
+            batch = adapter.build_batch(images, prompts, response_ids[start:stop])
+            cap = capture_attention(adapter, batch, params.layers, params.per_head, params.include_eos)
+            writer.write(
+                start,
+                ids[start:stop],
+                np.asarray(batch.grids, dtype=np.int32),
+                cap.n_rows.cpu().numpy().astype(np.int32),
+                cap.attention.cpu().numpy(),
+                cap.hidden_norm.cpu().numpy(),
+            )
+            bar.update(stop - start)
+    bar.close()
+    writer.finalize()

@@ -1,0 +1,401 @@
+"""Sink removal and tri-state RoI pseudo-labels (SPEC 1.3-1.4), vectorised over blocks of samples.
+
+Numerics are pinned so a plain loop can reproduce them bit for bit: the map is the float64 mean over
+selected heads (summed in the given order) of each layer, then the float64 mean over layers; with a
+single (layer, head-mean) selection it is the stored float32 value. Thresholds are ``tau * a_max`` in
+float64; the norm median is taken in float64.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.attention_store import AttentionStore, open_attention_store
+from pipeline.contracts import write_parquet
+
+SINK_METHODS = ("norm", "attention", "none")
+# skip_code -> skip_reason; code 0 means kept (null reason).
+SKIP_REASONS: tuple[str | None, ...] = (
+    None,
+    "a_max == 0: attention map is all zero",
+    "a_max == 0: every visual token is a sink",
+    "a_max < min_a_max",
+    "fg box area >= max_box_frac of the grid",
+)
+ZERO_MAP, ALL_SINKS, LOW_A_MAX, BIG_BOX = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class LabelParams:
+    """Label-assignment parameters; layer/head numbers are model indices as stored in the store's attrs."""
+
+    layers: list[int] | None = None  # stored layers averaged into the map; None = all stored
+    heads: list[int] | dict[int, list[int]] | None = None  # None = all stored / head-mean; dict = per layer
+    sink_method: str = "norm"  # "norm" (paper eq. 1) | "attention" (reference code) | "none"
+    sink_norm_factor: float = 10.0  # sink if norm > factor * per-sample median norm of real visual tokens
+    sink_norm_abs: float | None = None  # absolute tau_norm; overrides the factor when set
+    sink_norm_layer: int | None = None  # stored layer whose norms are used; None = first label layer
+    sink_attn_layer: int | None = None  # "attention" variant: stored layer (LLaVA-7B reference: 2)
+    sink_attn_heads: list[int] | None = None  # None = all stored heads / head-mean
+    sink_attn_threshold: float = 1e-3  # sink if head-mean attention >= this
+    tau_fg: float = 0.2
+    tau_bg: float = 0.1
+    strict: bool = False  # reference code: fg a > tau_fg*a_max, bg a < tau_bg*a_max
+    max_box_frac: float | None = None  # reference 0.5: drop the sample when the fg box covers >= this
+    min_a_max: float | None = None  # Qwen reference 5e-3: drop the sample when a_max < this
+
+    def __post_init__(self) -> None:
+        if self.sink_method not in SINK_METHODS:
+            raise ValueError(f"sink_method must be one of {SINK_METHODS}, got {self.sink_method!r}")
+        if self.sink_method == "attention" and self.sink_attn_layer is None:
+            raise ValueError("sink_method 'attention' needs sink_attn_layer")
+        if not (0 <= self.tau_bg <= 1 and 0 <= self.tau_fg <= 1):
+            raise ValueError(f"tau_fg/tau_bg must lie in [0, 1], got {self.tau_fg}/{self.tau_bg}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> LabelParams:
+        """Build from a params.yaml section; unknown keys are an error (typos must not pass silently)."""
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown label params {sorted(unknown)}")
+        if isinstance(d.get("heads"), dict):
+            # YAML/JSON may give layer keys as strings
+            d["heads"] = {int(k): [int(h) for h in v] for k, v in d["heads"].items()}
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Params resolved to axis positions of a block."""
+
+    select: list[tuple[int, list[int] | None]]  # (layer position, head positions or None for head-mean axis)
+    sink_norm_pos: int
+    sink_attn: tuple[int, list[int] | None] | None
+
+
+def _plan(params: LabelParams, store_layers: Sequence[int], store_heads: Sequence[int] | None) -> _Plan:
+    layer_pos = {int(lay): i for i, lay in enumerate(store_layers)}
+    head_pos = None if store_heads is None else {int(h): i for i, h in enumerate(store_heads)}
+
+    def lpos(layer: int, what: str) -> int:
+        if int(layer) not in layer_pos:
+            raise ValueError(f"{what}: layer {layer} is not in the store (stored layers {list(store_layers)})")
+        return layer_pos[int(layer)]
+
+    def hpos(heads: Sequence[int] | None, what: str) -> list[int] | None:
+        if heads is None:
+            return None if head_pos is None else list(range(len(head_pos)))
+        if head_pos is None:
+            raise ValueError(f"{what}: head subset {list(heads)} needs a per-head store, this one holds the head-mean")
+        missing = [h for h in heads if int(h) not in head_pos]
+        if missing or not heads:
+            raise ValueError(f"{what}: heads {missing or '[]'} not in the store (stored heads {list(store_heads)})")
+        return [head_pos[int(h)] for h in heads]
+
+    heads = params.heads
+    layers = list(heads) if isinstance(heads, dict) and params.layers is None else params.layers
+    layers = list(store_layers) if layers is None else list(layers)
+    if not layers:
+        raise ValueError("layers: empty selection")
+    select = []
+    for lay in layers:
+        hs = heads.get(lay, heads.get(str(lay))) if isinstance(heads, dict) else heads
+        if isinstance(heads, dict) and hs is None:
+            raise ValueError(f"heads: no head list for layer {lay}")
+        select.append((lpos(lay, "layers"), hpos(hs, "heads")))
+    norm_layer = layers[0] if params.sink_norm_layer is None else params.sink_norm_layer
+    sink_attn = None
+    if params.sink_method == "attention":
+        sink_attn = (lpos(params.sink_attn_layer, "sink_attn_layer"), hpos(params.sink_attn_heads, "sink_attn_heads"))
+    return _Plan(select, lpos(norm_layer, "sink_norm_layer"), sink_attn)
+
+
+def _mean_map(attention: np.ndarray, select: list[tuple[int, list[int] | None]]) -> np.ndarray:
+    """Mean over heads per layer, then over layers; returns the stored values untouched for one map."""
+    if len(select) == 1 and (select[0][1] is None or len(select[0][1]) == 1):
+        lp, hp = select[0]
+        return attention[:, lp] if hp is None else attention[:, lp, hp[0]]
+    total = None
+    for lp, hp in select:
+        if hp is None:
+            layer_map = attention[:, lp].astype(np.float64)
+        else:
+            # Sequential adds (not np.mean's pairwise sum) so the loop reference matches exactly.
+            layer_map = attention[:, lp, hp[0]].astype(np.float64)
+            for h in hp[1:]:
+                layer_map += attention[:, lp, h]
+            layer_map /= len(hp)
+        total = layer_map if total is None else total + layer_map
+    return total / len(select) if len(select) > 1 else total
+
+
+def _check_finite(x: np.ndarray, real: np.ndarray | None, sample_ids: Sequence[str], field: str) -> None:
+    # float64 sums of float32 cannot overflow, so a non-finite sum means a non-finite element.
+    sums = x.reshape(len(x), -1).sum(axis=1, dtype=np.float64)
+    for i in np.flatnonzero(~np.isfinite(sums)):
+        bad = ~np.isfinite(x[i])
+        if real is not None:
+            bad &= real[i]
+        if bad.any():
+            where = tuple(int(k[0]) for k in np.nonzero(bad))
+            raise ValueError(f"sample {sample_ids[i]!r}: non-finite value in {field} at index {where}")
+
+
+def _median(x: np.ndarray, nv: np.ndarray, uniform: bool) -> np.ndarray:
+    """Per-row median of the first nv[i] entries, np.median semantics with the midpoint taken in float64."""
+    # Selecting in the input dtype is exact (order is preserved) and half the work of a float64 copy.
+    if uniform:
+        k = int(nv[0])
+        part = np.partition(x, [(k - 1) // 2, k // 2], axis=1)
+        lo, hi = part[:, (k - 1) // 2], part[:, k // 2]
+    else:
+        pad = np.arange(x.shape[1]) >= nv[:, None]
+        s = np.sort(np.where(pad, np.inf, x), axis=1)
+        lo = np.take_along_axis(s, ((nv - 1) // 2)[:, None], 1)[:, 0]
+        hi = np.take_along_axis(s, (nv // 2)[:, None], 1)[:, 0]
+    return (lo.astype(np.float64) + hi) / 2
+
+
+def assign_labels(
+    attention: np.ndarray,
+    hidden_norm: np.ndarray,
+    grid: np.ndarray,
+    sample_ids: Sequence[str],
+    params: LabelParams,
+    *,
+    store_layers: Sequence[int] | None = None,
+    store_heads: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Label a block of samples.
+
+    ``attention`` is (n, L, V) head-mean or (n, L, H, V) per-head, ``hidden_norm`` (n, L, V), ``grid`` (n, 2);
+    tokens past grid_h*grid_w are padding. ``store_layers``/``store_heads`` name the stored layers/heads along
+    the L/H axes (default 0..L-1 / 0..H-1). Returns per-sample arrays: labels (n, V) int8 (-1 past n_visual),
+    grid_h, grid_w, n_fg, n_bg, n_ignore, n_sink, fg_y0/fg_x0/fg_y1/fg_x1 (inclusive, -1 when no fg),
+    a_max float32, sink_tau float64 (NaN unless sink_method is "norm"), kept, skip_code, skip_reason.
+    """
+    n, n_layers, v = len(attention), attention.shape[1], attention.shape[-1]
+    per_head = attention.ndim == 4
+    if store_layers is None:
+        store_layers = range(n_layers)
+    if per_head and store_heads is None:
+        store_heads = range(attention.shape[2])
+    plan = _plan(params, store_layers, store_heads if per_head else None)
+
+    grid = np.asarray(grid, dtype=np.int64).reshape(n, 2)
+    gh, gw = grid[:, 0], grid[:, 1]
+    nv = gh * gw
+    bad_grid = (nv > v) | (grid < 1).any(axis=1)
+    if bad_grid.any():
+        raise ValueError(f"grid_h*grid_w outside 1..{v} for samples {list(np.asarray(sample_ids)[bad_grid][:5])}")
+    uniform = n > 0 and bool((grid == grid[0]).all())
+    if uniform:
+        # Same grid everywhere: drop the padding columns and skip all masking.
+        v0 = int(nv[0])
+        attention, hidden_norm, real = attention[..., :v0], hidden_norm[..., :v0], None
+    else:
+        v0 = v
+        real = np.arange(v) < nv[:, None]
+    _check_finite(
+        attention, None if real is None else real[:, None, None] if per_head else real[:, None], sample_ids, "attention"
+    )
+    _check_finite(hidden_norm, None if real is None else real[:, None], sample_ids, "hidden_norm")
+
+    a = _mean_map(attention, plan.select)
+    sink, sink_tau = _sinks(attention, hidden_norm, params, plan, real, nv, uniform)
+    if sink is not None:
+        a = np.where(sink, a.dtype.type(0), a)
+    a_max = (a if real is None else np.where(real, a, -np.inf)).max(axis=1, initial=-np.inf)
+    zero = ~(a_max > 0)
+    thr_fg = params.tau_fg * a_max.astype(np.float64)[:, None]
+    thr_bg = params.tau_bg * a_max.astype(np.float64)[:, None]
+    fg = a > thr_fg if params.strict else a >= thr_fg
+    fg[zero] = False
+    if real is not None:
+        fg &= real
+
+    if uniform:
+        y0, x0, y1, x1, in_box = _box_uniform(fg, int(gh[0]), int(gw[0]))
+    else:
+        y0, x0, y1, x1, in_box = _box_ragged(fg, gw)
+    bg = a < thr_bg if params.strict else a <= thr_bg
+    bg &= ~in_box
+    bg[zero] = False
+    if real is not None:
+        bg &= real
+    # fg -> 1, bg -> 0, everything else (ignore, padding) -> -1
+    lab = fg.view(np.int8) - (~(fg | bg)).view(np.int8)
+    if uniform and v0 < v:
+        labels = np.full((n, v), -1, dtype=np.int8)
+        labels[:, :v0] = lab
+    else:
+        labels = lab
+
+    n_fg = np.count_nonzero(fg, axis=1)
+    n_bg = np.count_nonzero(bg, axis=1)
+    n_sink = np.zeros(n, np.int64) if sink is None else np.count_nonzero(sink, axis=1)
+    has_box = y0 >= 0
+    area = np.where(has_box, (y1 - y0 + 1) * (x1 - x0 + 1), 0)
+
+    code = np.zeros(n, dtype=np.int8)
+    if params.max_box_frac is not None:
+        code[has_box & (area >= params.max_box_frac * nv)] = BIG_BOX
+    if params.min_a_max is not None:
+        code[a_max.astype(np.float64) < params.min_a_max] = LOW_A_MAX
+    code[zero] = ZERO_MAP
+    code[zero & (n_sink == nv)] = ALL_SINKS
+
+    i32 = np.int32
+    return {
+        "labels": labels,
+        "grid_h": gh.astype(i32),
+        "grid_w": gw.astype(i32),
+        "n_fg": n_fg.astype(i32),
+        "n_bg": n_bg.astype(i32),
+        "n_ignore": (nv - n_fg - n_bg).astype(i32),
+        "n_sink": n_sink.astype(i32),
+        "fg_y0": y0.astype(i32),
+        "fg_x0": x0.astype(i32),
+        "fg_y1": y1.astype(i32),
+        "fg_x1": x1.astype(i32),
+        "a_max": a_max.astype(np.float32),
+        "sink_tau": sink_tau,
+        "kept": code == 0,
+        "skip_code": code,
+        "skip_reason": np.array(SKIP_REASONS, dtype=object)[code],
+    }
+
+
+def _sinks(attention, hidden_norm, params: LabelParams, plan: _Plan, real, nv, uniform):
+    """Sink mask (None when sink_method is "none") and the per-sample norm threshold (NaN otherwise)."""
+    n = len(attention)
+    tau = np.full(n, np.nan)
+    if params.sink_method == "none":
+        return None, tau
+    if params.sink_method == "norm":
+        norms = hidden_norm[:, plan.sink_norm_pos]
+        if params.sink_norm_abs is not None:
+            tau = np.full(n, float(params.sink_norm_abs))
+        else:
+            tau = params.sink_norm_factor * _median(norms, nv, uniform)
+        sink = norms > tau[:, None]
+    else:
+        lp, hp = plan.sink_attn
+        s = _mean_map(attention, [(lp, hp)])
+        # np.float64: a bare Python float would be cast down to the map's float32 (NEP 50)
+        sink = s >= np.float64(params.sink_attn_threshold)
+    if real is not None:
+        sink &= real
+    return sink, tau
+
+
+def _box_uniform(fg: np.ndarray, h: int, w: int):
+    """Inclusive fg bounding box per sample on a shared h x w grid, and the in-box mask."""
+    n = len(fg)
+    g = fg.reshape(n, h, w)
+    rows, cols = g.any(axis=2), g.any(axis=1)
+    has = rows.any(axis=1)
+    y0 = np.where(has, rows.argmax(axis=1), -1)
+    y1 = np.where(has, h - 1 - rows[:, ::-1].argmax(axis=1), -1)
+    x0 = np.where(has, cols.argmax(axis=1), -1)
+    x1 = np.where(has, w - 1 - cols[:, ::-1].argmax(axis=1), -1)
+    ar_h, ar_w = np.arange(h), np.arange(w)
+    rin = (ar_h >= y0[:, None]) & (ar_h <= y1[:, None])
+    cin = (ar_w >= x0[:, None]) & (ar_w <= x1[:, None])
+    return y0, x0, y1, x1, (rin[:, :, None] & cin[:, None, :]).reshape(n, h * w)
+
+
+def _box_ragged(fg: np.ndarray, gw: np.ndarray):
+    """Same as :func:`_box_uniform` for per-sample grids (row-major, width gw[i])."""
+    n, v = fg.shape
+    pos = np.arange(v)
+    r, c = pos // gw[:, None], pos % gw[:, None]
+    has = fg.any(axis=1)
+    first = fg.argmax(axis=1)
+    last = v - 1 - fg[:, ::-1].argmax(axis=1)
+    y0 = np.where(has, first // gw, -1)
+    y1 = np.where(has, last // gw, -1)
+    x0 = np.where(has, np.where(fg, c, v).min(axis=1), -1)
+    x1 = np.where(has, np.where(fg, c, -1).max(axis=1), -1)
+    in_box = (r >= y0[:, None]) & (r <= y1[:, None]) & (c >= x0[:, None]) & (c <= x1[:, None])
+    return y0, x0, y1, x1, in_box
+
+
+def labels_table(out: dict[str, np.ndarray], sample_ids: np.ndarray) -> pa.Table:
+    """Arrow table for the labels contract, built from flat numpy buffers."""
+    gh, gw = out["grid_h"], out["grid_w"]
+    nv = gh.astype(np.int64) * gw
+    lab = out["labels"]
+    if len(nv) and (nv == nv[0]).all():
+        labels = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(lab[:, : nv[0]]).ravel()), int(nv[0]))
+    else:
+        flat = lab[np.arange(lab.shape[1]) < nv[:, None]]  # row-major: each row's real tokens, in order
+        offsets = np.concatenate([[0], np.cumsum(nv)]).astype(np.int32)
+        labels = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int8()))
+    cols: dict[str, pa.Array] = {
+        "sample_id": pa.array(np.asarray(sample_ids, dtype=object), type=pa.string()),
+        "grid_h": pa.array(gh),
+        "grid_w": pa.array(gw),
+        "labels": labels,
+    }
+    for k in ("n_fg", "n_bg", "n_ignore", "n_sink"):
+        cols[k] = pa.array(out[k])
+    for k in ("fg_y0", "fg_x0", "fg_y1", "fg_x1"):
+        cols[k] = pa.array(out[k], mask=out[k] < 0)
+    cols["a_max"] = pa.array(out["a_max"])
+    tau = out["sink_tau"].astype(np.float32)
+    cols["sink_tau"] = pa.array(tau, mask=np.isnan(tau))
+    cols["kept"] = pa.array(out["kept"])
+    cols["skip_reason"] = pa.array(list(SKIP_REASONS), type=pa.string()).take(pa.array(out["skip_code"]))
+    return pa.table(cols)
+
+
+def label_store(
+    store: AttentionStore | str | os.PathLike,
+    params: LabelParams,
+    out_path: str | os.PathLike,
+    inputs: dict[str, str] | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Label every sample of ``store`` chunk by chunk and write ``labels.parquet``; returns kept/skip counts."""
+    from tqdm import tqdm
+
+    if not isinstance(store, AttentionStore):
+        store = open_attention_store(store)
+    parts: list[dict[str, np.ndarray]] = []
+    ids: list[np.ndarray] = []
+    with tqdm(total=store.n_samples, desc="label", unit="sample", disable=not progress) as bar:
+        for block in store.iter_chunks():
+            out = assign_labels(
+                block.attention,
+                block.hidden_norm,
+                block.grid,
+                block.sample_ids,
+                params,
+                store_layers=store.layers,
+                store_heads=store.heads,
+            )
+            parts.append(out)
+            ids.append(block.sample_ids)
+            bar.update(block.stop - block.start)
+    merged = _concat(parts)
+    table = labels_table(merged, np.concatenate(ids) if ids else np.array([], dtype=object))
+    write_parquet(table, out_path, "labels", params=params.to_dict(), inputs=inputs)
+    counts = np.bincount(merged["skip_code"].astype(np.int64), minlength=len(SKIP_REASONS))
+    return {"n_samples": store.n_samples, "kept": int(counts[0])} | {
+        str(r): int(c) for r, c in zip(SKIP_REASONS[1:], counts[1:], strict=True) if c
+    }
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

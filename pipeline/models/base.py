@@ -1,0 +1,130 @@
+"""The adapter interface: what the pipeline needs to know about a multimodal LLM, and nothing more.
+
+Every stage talks to a model through a :class:`ModelAdapter`: render the chat prompt, build
+left-padded batched inputs (optionally with response tokens appended), locate the visual tokens
+and their grid, and reach decoder layer ``i``. Adding a model family means one subclass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """Model inputs for a left-padded batch plus where things sit in each row.
+
+    ``visual_index`` (B, V) holds the sequence positions of each sample's first-image visual tokens
+    in grid row-major order, padded with 0 where ``visual_valid`` is False (per-sample grids).
+    ``response_len`` (B,) counts response tokens appended at the end of each row (0 for prompts).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    visual_index: torch.Tensor
+    visual_valid: torch.Tensor
+    grids: list[tuple[int, int]]
+    response_len: torch.Tensor
+    prompt_len: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        self.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        self.visual_index = self.visual_index.to(device)
+        self.visual_valid = self.visual_valid.to(device)
+        self.response_len = self.response_len.to(device)
+        self.prompt_len = self.prompt_len.to(device)
+        return self
+
+
+class ModelAdapter(ABC):
+    """Uniform access to one model family (LLaVA, Qwen2.5-VL, ...)."""
+
+    family: str = ""
+
+    def __init__(self, model: nn.Module, processor, model_id: str):
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, list | tuple) else [int(eos)]
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_token_ids[0])
+
+    @abstractmethod
+    def render_prompt(self, question: str, n_images: int = 1) -> str:
+        """The chat-template prompt for one user question with ``n_images`` images, ready to answer."""
+
+    @abstractmethod
+    def visual_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(grid_h, grid_w) of the visual tokens this model makes for a ``width`` x ``height`` image."""
+
+    @abstractmethod
+    def build_batch(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        responses: list[list[int]] | None = None,
+    ) -> Batch:
+        """Tokenise and left-pad a batch; append ``responses`` token ids after each prompt if given."""
+
+    @property
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """The language model's decoder layers, index ``i`` = layer ``i``."""
+
+    @abstractmethod
+    def rotate(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Apply the model's rotary position embedding to (B, H, S, D) queries or keys.
+
+        ``position_embeddings`` is the (cos, sin) pair the decoder passes its attention modules,
+        already sliced to the S positions of ``x``.
+        """
+
+    def forward_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``model(...)`` that reproduce generate()'s positions for this batch."""
+        inputs = dict(batch.inputs)
+        mask = inputs["attention_mask"]
+        # generate() derives positions from the padding mask; a plain forward would not.
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return inputs
+
+    @property
+    def attention_geometry(self) -> tuple[int, int, int]:
+        """(num_heads, num_kv_heads, head_dim) of the decoder's self-attention."""
+        attn = self.decoder_layers[0].self_attn
+        cfg = attn.config
+        n_heads = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        return n_heads, n_kv, attn.head_dim
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (ids, attention_mask) tensors."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask

@@ -1,0 +1,376 @@
+"""A synthetic fine-grained VQA world with ground-truth boxes (the embedded default's data).
+
+Each image is a square canvas (448 px by default) of noise and grey clutter with 3-6 coloured
+frames. Every frame holds one tiny glyph (a 5x7 bitmap character, one source pixel per font
+pixel). The question names a frame by its colour ("what is in the red box ?") and the answer is
+its glyph. Frames are visible at the model's base view (224 px: the colour survives the 2x
+downscale) but the glyph is only ~2.5x3.5 px there, while a crop of the frame resized to 224 px
+shows it at ~8x11 px: the paper's "small detail, readable only in a high-resolution crop".
+
+Frames and glyphs are aligned to the base view's token grid (14x14 cells of 32 source px by
+default): a frame covers whole cells and its glyph sits inside one interior cell.
+
+Everything is pure and seeded: ``generate_sample(params, seed, index)`` always draws the same
+sample. Glyphs come from a bitmap font in this file (not a system font), so rendering does not
+depend on the Pillow or FreeType version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# fmt: off
+_FONT_ROWS: dict[str, tuple[str, ...]] = {
+    "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
+    "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
+    "3": ("#####", "...#.", "..#..", "...#.", "....#", "#...#", ".###."),
+    "4": ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
+    "5": ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
+    "6": ("..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."),
+    "7": ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
+    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
+    "9": (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "B": ("####.", "#...#", "#...#", "####.", "#...#", "#...#", "####."),
+    "C": (".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."),
+    "D": ("###..", "#..#.", "#...#", "#...#", "#...#", "#..#.", "###.."),
+    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "F": ("#####", "#....", "#....", "####.", "#....", "#....", "#...."),
+    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
+    "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "I": (".###.", "..#..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    "J": ("..###", "...#.", "...#.", "...#.", "...#.", "#..#.", ".##.."),
+    "K": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
+    "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
+    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
+    "N": ("#...#", "#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#"),
+    "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "Q": (".###.", "#...#", "#...#", "#...#", "#.#.#", "#..#.", ".##.#"),
+    "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
+    "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
+    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "V": ("#...#", "#...#", "#...#", "#...#", "#...#", ".#.#.", "..#.."),
+    "W": ("#...#", "#...#", "#...#", "#.#.#", "#.#.#", "#.#.#", ".#.#."),
+    "X": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"),
+    "Y": ("#...#", "#...#", ".#.#.", "..#..", "..#..", "..#..", "..#.."),
+    "Z": ("#####", "....#", "...#.", "..#..", ".#...", "#....", "#####"),
+}
+# fmt: on
+
+GLYPHS: tuple[str, ...] = tuple(_FONT_ROWS)
+GLYPH_MASKS: dict[str, np.ndarray] = {
+    g: np.array([[c == "#" for c in row] for row in rows], dtype=bool) for g, rows in _FONT_ROWS.items()
+}
+
+# Named frame colours (distinct hues, all visible after the 2x downscale).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (40, 80, 230),
+    "yellow": (235, 205, 20),
+    "orange": (250, 130, 0),
+    "purple": (140, 50, 200),
+    "cyan": (0, 195, 215),
+    "pink": (245, 95, 180),
+}
+
+QUESTION_WORDS: tuple[str, ...] = ("what", "is", "in", "the", "box", "?")
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class WorldParams:
+    """Knobs of the world; ``params.yaml`` may set any of them."""
+
+    canvas: int = 448  # square source image side, px
+    grid: int = 14  # token grid of the base view (224 px / patch 16)
+    min_frames: int = 3
+    max_frames: int = 6
+    frame_cells: tuple[int, ...] = (3, 3, 3, 4)  # frame side in cells, drawn uniformly from this list
+    border_px: int = 4  # frame border thickness, source px (inside the box)
+    tint: float = 0.3  # frame interior = white blended with this share of the frame colour
+    glyph_scale: int = 1  # source px per font pixel (the glyph is 5x7 font pixels)
+    glyph_ink_max: int = 60  # glyph ink grey level drawn from [0, glyph_ink_max]
+    distractor_frames: tuple[int, int] = (0, 2)  # grey frames with glyphs, min/max count
+    stray_glyphs: tuple[int, int] = (4, 10)  # grey glyphs outside frames, min/max count
+    clutter_shapes: tuple[int, int] = (8, 16)  # grey lines / rectangles / ellipses, min/max count
+    noise_std: float = 4.0  # per-pixel grey noise, std in 8-bit levels
+    colours: tuple[str, ...] = tuple(COLOURS)
+
+    @property
+    def cell(self) -> int:
+        """Source pixels per token cell."""
+        return self.canvas // self.grid
+
+
+@dataclass
+class Frame:
+    """One drawn frame: its box (source px, far edge exclusive), colour name (None: distractor), glyph."""
+
+    box: Box
+    colour: str | None
+    glyph: str
+    glyph_box: Box
+    glyph_cell: tuple[int, int]  # (row, col) of the token cell holding the glyph
+
+
+@dataclass
+class WorldSample:
+    """One VQA sample: the image, the question about a named frame, its answer and GT box."""
+
+    sample_id: str
+    image: Image.Image
+    question: str
+    answer: str
+    box: Box
+    colour: str
+    frames: list[Frame] = field(default_factory=list)  # every frame drawn, distractors included
+
+    @property
+    def target(self) -> Frame:
+        """The frame the question names."""
+        return next(f for f in self.frames if f.colour == self.colour)
+
+
+def world_vocabulary(params: WorldParams | None = None) -> list[str]:
+    """Every word the questions and answers use (for the word-level tokenizer)."""
+    params = params or WorldParams()
+    return list(QUESTION_WORDS) + list(params.colours) + list(GLYPHS)
+
+
+def question_for(colour: str) -> str:
+    """The question that names the frame of this colour."""
+    return f"what is in the {colour} box ?"
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator that draws sample ``index`` of world ``seed``."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def _place_boxes(
+    rng: np.random.Generator, sizes: list[tuple[int, int]], grid: int, tries: int = 200
+) -> list[tuple[int, int, int, int] | None]:
+    """Place non-overlapping cell rectangles (r0, c0, h, w); None where no place was found."""
+    occupied = np.zeros((grid, grid), dtype=bool)
+    out: list[tuple[int, int, int, int] | None] = []
+    for h, w in sizes:
+        placed = None
+        for _ in range(tries):
+            r0 = int(rng.integers(0, grid - h + 1))
+            c0 = int(rng.integers(0, grid - w + 1))
+            if not occupied[r0 : r0 + h, c0 : c0 + w].any():
+                occupied[r0 : r0 + h, c0 : c0 + w] = True
+                placed = (r0, c0, h, w)
+                break
+        out.append(placed)
+    return out
+
+
+def _draw_glyph(arr: np.ndarray, glyph: str, x: int, y: int, scale: int, ink: tuple[int, int, int]) -> Box:
+    """Draw a bitmap glyph with its top-left at (x, y); return its pixel box."""
+    mask = GLYPH_MASKS[glyph]
+    if scale != 1:
+        mask = np.kron(mask, np.ones((scale, scale), dtype=bool))
+    h, w = mask.shape
+    region = arr[y : y + h, x : x + w]
+    region[mask] = ink
+    return (x, y, x + w, y + h)
+
+
+def _glyph_size(params: WorldParams) -> tuple[int, int]:
+    return 5 * params.glyph_scale, 7 * params.glyph_scale
+
+
+def _glyph_in_cell(rng: np.random.Generator, params: WorldParams, row: int, col: int) -> tuple[int, int]:
+    """Top-left of a glyph placed at random inside cell (row, col), 4 px away from the cell edges."""
+    gw, gh = _glyph_size(params)
+    cell, pad = params.cell, 4
+    x = col * cell + int(rng.integers(pad, max(pad + 1, cell - gw - pad + 1)))
+    y = row * cell + int(rng.integers(pad, max(pad + 1, cell - gh - pad + 1)))
+    return x, y
+
+
+def _background(rng: np.random.Generator, params: WorldParams) -> np.ndarray:
+    """Grey background with a smooth low-frequency variation and a slight colour cast."""
+    size = params.canvas
+    base = rng.uniform(110, 200)
+    low = rng.normal(0.0, 18.0, size=(5, 5))
+    low_img = Image.fromarray(low.astype(np.float32), mode="F").resize((size, size), Image.BICUBIC)
+    cast = rng.normal(0.0, 6.0, size=3)
+    arr = base + np.asarray(low_img)[..., None] + cast[None, None, :]
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _clutter(rng: np.random.Generator, img: Image.Image, params: WorldParams) -> None:
+    """Grey lines, rectangle outlines and ellipses all over the canvas (never in a named colour)."""
+    draw = ImageDraw.Draw(img)
+    size = params.canvas
+    for _ in range(int(rng.integers(params.clutter_shapes[0], params.clutter_shapes[1] + 1))):
+        g = int(rng.integers(40, 230))
+        colour = (g, g, g)
+        kind = int(rng.integers(0, 3))
+        x0, y0 = (int(v) for v in rng.integers(0, size, size=2))
+        x1, y1 = x0 + int(rng.integers(10, 90)), y0 + int(rng.integers(10, 90))
+        width = int(rng.integers(1, 4))
+        if kind == 0:
+            draw.line([(x0, y0), (x1, y1)], fill=colour, width=width)
+        elif kind == 1:
+            draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+        else:
+            draw.ellipse([x0, y0, x1, y1], outline=colour, width=width)
+
+
+def generate_sample(params: WorldParams, seed: int, index: int) -> WorldSample:
+    """Draw sample ``index`` of world ``seed`` (pure: the same arguments give the same sample)."""
+    rng = sample_rng(seed, index)
+    grid, cell = params.grid, params.cell
+    n_named = int(rng.integers(params.min_frames, params.max_frames + 1))
+    n_named = min(n_named, len(params.colours))
+    n_distract = int(rng.integers(params.distractor_frames[0], params.distractor_frames[1] + 1))
+    colours = [params.colours[i] for i in rng.permutation(len(params.colours))[:n_named]]
+    sides = [
+        (int(rng.choice(params.frame_cells)), int(rng.choice(params.frame_cells))) for _ in range(n_named + n_distract)
+    ]
+    places = _place_boxes(rng, sides, grid)
+    if any(p is None for p in places[:n_named]):
+        raise RuntimeError(f"could not place {n_named} frames on a {grid}x{grid} grid; lower max_frames")
+
+    arr = _background(rng, params)
+    img = Image.fromarray(arr)
+    _clutter(rng, img, params)
+    arr = np.array(img)
+
+    occupied = np.zeros((grid, grid), dtype=bool)
+    for p in places:
+        if p is not None:
+            r0, c0, h, w = p
+            occupied[r0 : r0 + h, c0 : c0 + w] = True
+    free = np.argwhere(~occupied)
+    n_stray = min(len(free), int(rng.integers(params.stray_glyphs[0], params.stray_glyphs[1] + 1)))
+    for k in rng.permutation(len(free))[:n_stray]:
+        r, c = (int(v) for v in free[k])
+        x, y = _glyph_in_cell(rng, params, r, c)
+        g = int(rng.integers(60, 140))
+        _draw_glyph(arr, GLYPHS[int(rng.integers(len(GLYPHS)))], x, y, params.glyph_scale, (g, g, g))
+
+    frames: list[Frame] = []
+    img = Image.fromarray(arr)
+    draw = ImageDraw.Draw(img)
+    glyph_spots = []
+    for i, p in enumerate(places):
+        if p is None:
+            continue
+        r0, c0, h, w = p
+        box = (c0 * cell, r0 * cell, (c0 + w) * cell, (r0 + h) * cell)
+        if i < n_named:
+            name: str | None = colours[i]
+            rgb = COLOURS[name]
+        else:
+            name = None
+            g = int(rng.integers(20, 100))
+            rgb = (g, g, g)
+        fill = tuple(int(round(255 * (1 - params.tint) + c * params.tint)) for c in rgb)
+        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=fill, outline=rgb, width=params.border_px)
+        inner_r = int(rng.integers(r0 + 1, r0 + h - 1)) if h > 2 else r0
+        inner_c = int(rng.integers(c0 + 1, c0 + w - 1)) if w > 2 else c0
+        glyph = GLYPHS[int(rng.integers(len(GLYPHS)))]
+        glyph_spots.append((len(frames), inner_r, inner_c))
+        frames.append(Frame(box=box, colour=name, glyph=glyph, glyph_box=(0, 0, 0, 0), glyph_cell=(inner_r, inner_c)))
+    arr = np.array(img)
+    for k, r, c in glyph_spots:
+        x, y = _glyph_in_cell(rng, params, r, c)
+        ink = int(rng.integers(0, params.glyph_ink_max + 1))
+        frames[k].glyph_box = _draw_glyph(arr, frames[k].glyph, x, y, params.glyph_scale, (ink, ink, ink))
+
+    if params.noise_std > 0:
+        noise = rng.normal(0.0, params.noise_std, size=arr.shape[:2])[..., None]
+        arr = np.clip(arr.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+    target = frames[int(rng.integers(n_named))]
+    assert target.colour is not None
+    return WorldSample(
+        sample_id=f"world-{seed}-{index:06d}",
+        image=Image.fromarray(arr),
+        question=question_for(target.colour),
+        answer=target.glyph,
+        box=target.box,
+        colour=target.colour,
+        frames=frames,
+    )
+
+
+def crop_box(
+    box: Box,
+    margin: float = 0.25,
+    rng: np.random.Generator | None = None,
+    size: tuple[int, int] = (448, 448),
+    jitter: float = 0.15,
+) -> Box:
+    """The crop around ``box`` used to train and evaluate reading: the box grown by ``margin``.
+
+    ``margin`` is a share of the box's side added on every side. With ``rng`` (training), the
+    margin is drawn from [0.4, 1.6] x ``margin`` per side pair and the crop is shifted by up to
+    ``jitter`` x its side, never so far that the box's centre leaves the crop. Clipped to the
+    image of ``size`` (width, height). Far edges are exclusive.
+    """
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    mx, my = margin * w, margin * h
+    dx = dy = 0.0
+    if rng is not None:
+        mx *= float(rng.uniform(0.4, 1.6))
+        my *= float(rng.uniform(0.4, 1.6))
+        dx = float(rng.uniform(-jitter, jitter)) * (w + 2 * mx)
+        dy = float(rng.uniform(-jitter, jitter)) * (h + 2 * my)
+    cx0, cx1 = x0 - mx + dx, x1 + mx + dx
+    cy0, cy1 = y0 - my + dy, y1 + my + dy
+    cx0, cx1 = min(cx0, (x0 + x1) / 2 - 1), max(cx1, (x0 + x1) / 2 + 1)
+    cy0, cy1 = min(cy0, (y0 + y1) / 2 - 1), max(cy1, (y0 + y1) / 2 + 1)
+    W, H = size
+    out = (
+        max(0, int(round(cx0))),
+        max(0, int(round(cy0))),
+        min(W, int(round(cx1))),
+        min(H, int(round(cy1))),
+    )
+    return out
+
+
+def write_world(out_dir: str | Path, n: int, seed: int, params: WorldParams | None = None) -> Path:
+    """Write ``n`` samples of world ``seed`` as PNGs plus one JSONL manifest; return the JSONL's path.
+
+    Each line: {"sample_id", "image" (relative to the JSONL), "question", "answer",
+    "box": [x0, y0, x1, y1] (source px, far edge exclusive), "width", "height", "source": "world"}.
+    """
+    params = params or WorldParams()
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    path = out_dir / "world.jsonl"
+    with path.open("w") as fh:
+        for i in range(n):
+            s = generate_sample(params, seed, i)
+            rel = f"images/{s.sample_id}.png"
+            s.image.save(out_dir / rel, optimize=False, compress_level=6)
+            row = {
+                "sample_id": s.sample_id,
+                "image": rel,
+                "question": s.question,
+                "answer": s.answer,
+                "box": list(s.box),
+                "width": s.image.width,
+                "height": s.image.height,
+                "source": "world",
+            }
+            fh.write(json.dumps(row) + "\n")
+    (out_dir / "world_params.json").write_text(json.dumps({"seed": seed, "n": n, **asdict(params)}, indent=1))
+    return path

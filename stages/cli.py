@@ -1,0 +1,23 @@
+"""The ``sdrpn`` command: one subcommand per DVC stage."""
+
+from __future__ import annotations
+
+import click
+
+from stages.decode import decode
+from stages.dump import dump
+from stages.label import label
+from stages.prepare import prepare
+from stages.world import world
+
+
+@click.group()
+def main() -> None:
+    """SD-RPN pipeline stages (run them through `dvc repro`, or one by one)."""
+
+
+for command in (world, prepare, decode, dump, label):
+    main.add_command(command)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""decode: greedy self-responses of the model for every manifest sample (resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.contracts import read_parquet, write_parquet
+from pipeline.decode import DecodeParams, decode_manifest
+from pipeline.models import load_adapter
+from pipeline.resumable import PartStore, job_key
+from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
+
+
+@click.command("decode")
+@click.argument("manifest_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("responses_out", type=click.Path(path_type=Path))
+@params_option
+@progress_option
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default="artifacts/.work",
+    show_default=True,
+    help="where unfinished batches are kept so a rerun resumes",
+)
+def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress: bool, work_dir: Path) -> None:
+    """Write RESPONSES_OUT: the model's greedy answer to each question in MANIFEST_PATH."""
+    model = load_section(params_path, "model")
+    params = to_dataclass(DecodeParams, load_section(params_path, "decode"), "decode")
+    manifest = read_parquet(manifest_path, "manifest")
+    inputs = fingerprints(manifest_path)
+    inputs[model["path"]] = model_fingerprint(model["path"])
+    parts = PartStore(work_dir, "decode", job_key(inputs=inputs, params=vars(params)))
+    if parts.n_done():
+        click.echo(f"decode: resuming, {parts.n_done()} finished batches found in {parts.dir}")
+    adapter = load_adapter(model["path"], model.get("device", "auto"), model.get("dtype", "auto"))
+    table = decode_manifest(adapter, manifest, params, parts, progress=progress)
+    write_parquet(table, responses_out, "responses", params={"model": model, "decode": vars(params)}, inputs=inputs)
+    parts.cleanup()
+    click.echo(f"decode: {table.num_rows} responses -> {responses_out}")

@@ -1,0 +1,68 @@
+"""dump: response->image attention at the configured layers and visual hidden-state norms, to zarr (resumable)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from pipeline.attention_store import AttentionStoreWriter
+from pipeline.contracts import read_parquet
+from pipeline.dump import DumpParams, dump_attention, max_visual_tokens
+from pipeline.models import load_adapter
+from pipeline.resumable import job_key
+from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
+
+
+@click.command("dump")
+@click.argument("manifest_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("responses_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("store_out", type=click.Path(path_type=Path))
+@params_option
+@progress_option
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default="artifacts/.work",
+    show_default=True,
+    help="where an unfinished store is kept so a rerun resumes",
+)
+def dump(
+    manifest_path: Path, responses_path: Path, store_out: Path, params_path: Path, progress: bool, work_dir: Path
+) -> None:
+    """Write STORE_OUT (zarr 3) from the samples in MANIFEST_PATH and their RESPONSES_PATH."""
+    model = load_section(params_path, "model")
+    params = to_dataclass(DumpParams, load_section(params_path, "dump"), "dump")
+    manifest = read_parquet(manifest_path, "manifest")
+    responses = read_parquet(responses_path, "responses")
+    inputs = fingerprints(manifest_path, responses_path)
+    inputs[model["path"]] = model_fingerprint(model["path"])
+    adapter = load_adapter(model["path"], model.get("device", "auto"), model.get("dtype", "auto"))
+    work = Path(work_dir) / f"dump-{job_key(inputs=inputs, params=asdict(params))}.zarr"
+    if work.exists():
+        writer = AttentionStoreWriter.open_existing(work)
+        done = writer.n_samples - sum(hi - lo for lo, hi in writer.pending_ranges())
+        click.echo(f"dump: resuming {work}, {done} samples already written")
+    else:
+        writer = AttentionStoreWriter.create(
+            work,
+            n_samples=manifest.num_rows,
+            layers=params.layers,
+            max_visual=max_visual_tokens(adapter, manifest),
+            heads=list(range(adapter.attention_geometry[0])) if params.per_head else None,
+            attrs={
+                "model_id": adapter.model_id,
+                "include_eos": params.include_eos,
+                "params": {"model": model, "dump": asdict(params)},
+                "inputs": inputs,
+            },
+            chunk_samples=params.chunk_samples,
+        )
+    dump_attention(adapter, manifest, responses, params, writer, progress=progress)
+    if store_out.exists():
+        shutil.rmtree(store_out)
+    store_out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(work), store_out)
+    click.echo(f"dump: {manifest.num_rows} samples, layers {params.layers} -> {store_out}")

@@ -1,0 +1,135 @@
+"""Attention store: round trip, validation of corrupt stores, resumption after a partial write."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.attention_store import AttentionStoreWriter, open_attention_store
+from pipeline.contracts import ContractError
+
+
+def make_rows(n, n_layers=2, v=20, n_heads=None, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = np.array([f"id-{i}" for i in range(n)], dtype=object)
+    grid = np.stack([rng.integers(1, 5, n), rng.integers(1, 6, n)], axis=1).astype(np.int32)
+    shape = (n, n_layers, n_heads, v) if n_heads else (n, n_layers, v)
+    return (
+        ids,
+        grid,
+        rng.integers(1, 9, n),
+        rng.random(shape, dtype=np.float32),
+        rng.random((n, n_layers, v), dtype=np.float32),
+    )
+
+
+def write_all(writer, rows, start=0, stop=None, step=100):
+    ids, grid, n_resp, att, norms = rows
+    stop = len(ids) if stop is None else stop
+    for s in range(start, stop, step):
+        e = min(s + step, stop)
+        writer.write(s, ids[s:e], grid[s:e], n_resp[s:e], att[s:e], norms[s:e])
+
+
+@pytest.mark.parametrize("n_heads", [None, 3])
+def test_round_trip(tmp_path, n_heads):
+    rows = make_rows(600, n_heads=n_heads)
+    heads = None if n_heads is None else [4, 7, 9]
+    attrs = {"model_id": "toy", "include_eos": True, "params": {"a": 1}, "inputs": {"m": "x"}}
+    w = AttentionStoreWriter.create(tmp_path / "s.zarr", 600, [3, 5], 20, heads=heads, attrs=attrs)
+    assert w.chunk_samples == 256 and w.pending_ranges() == [(0, 600)]
+    write_all(w, rows, step=70)  # blocks straddle chunk boundaries
+    w.finalize()
+    st = open_attention_store(tmp_path / "s.zarr")
+    assert (st.n_samples, st.layers, st.heads, st.max_visual) == (600, [3, 5], heads, 20)
+    assert st.per_head == (n_heads is not None)
+    assert st.attrs["model_id"] == "toy" and st.attrs["include_eos"] is True and st.attrs["params"] == {"a": 1}
+    blocks = list(st.iter_chunks())
+    assert [(b.start, b.stop) for b in blocks] == [(0, 256), (256, 512), (512, 600)]
+    for field, k in (("sample_ids", 0), ("grid", 1), ("n_response", 2), ("attention", 3), ("hidden_norm", 4)):
+        got = np.concatenate([getattr(b, field) for b in blocks])
+        assert got.tolist() == rows[k].tolist(), field
+    part = st.read(250, 260)
+    assert part.sample_ids.tolist() == rows[0][250:260].tolist()
+    np.testing.assert_array_equal(part.attention, rows[3][250:260])
+
+
+def test_small_store_and_padding(tmp_path):
+    w = AttentionStoreWriter.create(tmp_path / "s.zarr", 10, [0], 16, chunk_samples=8)
+    assert w.chunk_samples == 10  # smaller than one chunk: one chunk
+    att = np.ones((10, 1, 6), np.float32)
+    w.write(0, [f"x{i}" for i in range(10)], np.tile([2, 3], (10, 1)), np.ones(10), att, att)
+    w.finalize()
+    b = open_attention_store(tmp_path / "s.zarr").read(0, 10)
+    assert b.attention.shape == (10, 1, 16) and b.attention[:, :, 6:].sum() == 0 and b.attention[:, :, :6].all()
+    with pytest.raises(ValueError, match="outside"):
+        w.write(5, [f"x{i}" for i in range(10)], np.tile([2, 3], (10, 1)), np.ones(10), att, att)
+    with pytest.raises(ValueError, match="max_visual"):
+        w.write(0, ["a"], [[5, 5]], [1], att[:1], att[:1])
+
+
+def test_resume_after_partial_write(tmp_path):
+    rows = make_rows(700)
+    path = tmp_path / "s.zarr"
+    w = AttentionStoreWriter.create(path, 700, [3, 5], 20)
+    write_all(w, rows, stop=300)  # chunk 0 complete; chunk 1 only buffered (a crash loses it)
+    del w
+    with pytest.raises(ContractError, match="incomplete"):
+        open_attention_store(path)
+    w2 = AttentionStoreWriter.open_existing(path)
+    assert w2.pending_ranges() == [(256, 700)]
+    write_all(w2, rows, start=512, stop=700)  # last chunk done out of order
+    assert w2.pending_ranges() == [(256, 512)]
+    with pytest.raises(ContractError, match="not written"):
+        w2.finalize()
+    write_all(w2, rows, start=256, stop=512, step=256)
+    assert w2.pending_ranges() == []
+    w2.finalize()
+    st = open_attention_store(path)
+    got = np.concatenate([b.attention for b in st.iter_chunks(prefetch=False)])
+    np.testing.assert_array_equal(got, rows[3])
+
+
+def _finished_store(path):
+    rows = make_rows(300)
+    w = AttentionStoreWriter.create(path, 300, [3, 5], 20)
+    write_all(w, rows)
+    w.finalize()
+    return zarr.open_group(str(path), mode="r+")
+
+
+def test_validation_errors(tmp_path):
+    g = _finished_store(tmp_path / "v.zarr")
+    g.attrs["version"] = 99
+    with pytest.raises(ContractError, match="version 99"):
+        open_attention_store(tmp_path / "v.zarr")
+
+    g = _finished_store(tmp_path / "s.zarr")
+    g.attrs["schema"] = "labels"
+    with pytest.raises(ContractError, match="expected 'attention_store'"):
+        open_attention_store(tmp_path / "s.zarr")
+
+    g = _finished_store(tmp_path / "c.zarr")
+    g.attrs["complete"] = False
+    with pytest.raises(ContractError, match="incomplete"):
+        open_attention_store(tmp_path / "c.zarr")
+    assert open_attention_store(tmp_path / "c.zarr", require_complete=False).n_samples == 300
+
+    g = _finished_store(tmp_path / "g.zarr")
+    g["grid"][7] = [5, 5]  # 25 > max_visual 20
+    with pytest.raises(ContractError, match="id-7"):
+        open_attention_store(tmp_path / "g.zarr")
+
+    g = _finished_store(tmp_path / "l.zarr")
+    g.attrs["layers"] = [3]
+    with pytest.raises(ContractError, match="'attention' has shape"):
+        open_attention_store(tmp_path / "l.zarr")
+
+    g = _finished_store(tmp_path / "d.zarr")
+    del g["hidden_norm"]
+    with pytest.raises(ContractError, match="hidden_norm"):
+        open_attention_store(tmp_path / "d.zarr")
+
+    with pytest.raises(ContractError):
+        open_attention_store(tmp_path / "missing.zarr")
