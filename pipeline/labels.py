@@ -27,8 +27,9 @@ SKIP_REASONS: tuple[str | None, ...] = (
     "a_max == 0: every visual token is a sink",
     "a_max < min_a_max",
     "fg box area >= max_box_frac of the grid",
+    "empty response: no answer tokens to attend from",
 )
-ZERO_MAP, ALL_SINKS, LOW_A_MAX, BIG_BOX = 1, 2, 3, 4
+ZERO_MAP, ALL_SINKS, LOW_A_MAX, BIG_BOX, NO_RESPONSE = 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -175,12 +176,14 @@ def assign_labels(
     *,
     store_layers: Sequence[int] | None = None,
     store_heads: Sequence[int] | None = None,
+    n_response: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Label a block of samples.
 
     ``attention`` is (n, L, V) head-mean or (n, L, H, V) per-head, ``hidden_norm`` (n, L, V), ``grid`` (n, 2);
     tokens past grid_h*grid_w are padding. ``store_layers``/``store_heads`` name the stored layers/heads along
-    the L/H axes (default 0..L-1 / 0..H-1). Returns per-sample arrays: labels (n, V) int8 (-1 past n_visual),
+    the L/H axes (default 0..L-1 / 0..H-1). ``n_response`` (n,) lets a sample whose answer had no rows be
+    reported as such rather than as an all-zero map. Returns per-sample arrays: labels (n, V) int8 (-1 past n_visual),
     grid_h, grid_w, n_fg, n_bg, n_ignore, n_sink, fg_y0/fg_x0/fg_y1/fg_x1 (inclusive, -1 when no fg),
     a_max float32, sink_tau float64 (NaN unless sink_method is "norm"), kept, skip_code, skip_reason.
     """
@@ -254,6 +257,8 @@ def assign_labels(
         code[a_max.astype(np.float64) < params.min_a_max] = LOW_A_MAX
     code[zero] = ZERO_MAP
     code[zero & (n_sink == nv)] = ALL_SINKS
+    if n_response is not None:
+        code[np.asarray(n_response) == 0] = NO_RESPONSE
 
     i32 = np.int32
     return {
@@ -384,6 +389,7 @@ def label_store(
                 params,
                 store_layers=store.layers,
                 store_heads=store.heads,
+                n_response=block.n_response,
             )
             parts.append(out)
             ids.append(block.sample_ids)

@@ -348,3 +348,19 @@ def test_parquet_varying_grid_roundtrip(tmp_path):
     assert (df["labels"].list.len() == df["grid_h"] * df["grid_w"]).all()
     assert df["fg_x1"][0] is None and df["skip_reason"][0] == SKIP_REASONS[1]
     assert df["n_fg"].to_list() == [r["n_fg"] for r in ref]
+
+
+def test_empty_response_is_reported_as_such():
+    """A sample whose answer contributed no attention rows is skipped with its own reason."""
+    att = np.zeros((2, 1, 4), dtype=np.float32)
+    att[1, 0, 2] = 1.0
+    out = assign_labels(
+        att,
+        np.ones((2, 1, 4), dtype=np.float32),
+        np.full((2, 2), 2),
+        ["empty", "ok"],
+        LabelParams(),
+        n_response=np.array([0, 3]),
+    )
+    assert out["skip_reason"].tolist() == ["empty response: no answer tokens to attend from", None]
+    assert out["kept"].tolist() == [False, True]
