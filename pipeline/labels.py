@@ -177,14 +177,17 @@ def assign_labels(
     store_layers: Sequence[int] | None = None,
     store_heads: Sequence[int] | None = None,
     n_response: np.ndarray | None = None,
+    return_maps: bool = False,
 ) -> dict[str, np.ndarray]:
     """Label a block of samples.
 
     ``attention`` is (n, L, V) head-mean or (n, L, H, V) per-head, ``hidden_norm`` (n, L, V), ``grid`` (n, 2);
     tokens past grid_h*grid_w are padding. ``store_layers``/``store_heads`` name the stored layers/heads along
     the L/H axes (default 0..L-1 / 0..H-1). ``n_response`` (n,) lets a sample whose answer had no rows be
-    reported as such rather than as an all-zero map. Returns per-sample arrays: labels (n, V) int8 (-1 past n_visual),
-    grid_h, grid_w, n_fg, n_bg, n_ignore, n_sink, fg_y0/fg_x0/fg_y1/fg_x1 (inclusive, -1 when no fg),
+    reported as such rather than as an all-zero map. ``return_maps`` adds ``raw_map`` (the layer/head mean before
+    sink removal), ``map`` (after it) and ``sink`` (bool), each (n, V) on the real tokens, for reports.
+    Returns per-sample arrays: labels (n, V) int8 (-1 past n_visual), grid_h, grid_w, n_fg, n_bg, n_ignore,
+    n_sink, fg_y0/fg_x0/fg_y1/fg_x1 (inclusive, -1 when no fg),
     a_max float32, sink_tau float64 (NaN unless sink_method is "norm"), kept, skip_code, skip_reason.
     """
     n, n_layers, v = len(attention), attention.shape[1], attention.shape[-1]
@@ -214,7 +217,7 @@ def assign_labels(
     )
     _check_finite(hidden_norm, None if real is None else real[:, None], sample_ids, "hidden_norm")
 
-    a = _mean_map(attention, plan.select)
+    a = raw_map = _mean_map(attention, plan.select)
     sink, sink_tau = _sinks(attention, hidden_norm, params, plan, real, nv, uniform)
     if sink is not None:
         a = np.where(sink, a.dtype.type(0), a)
@@ -261,7 +264,11 @@ def assign_labels(
         code[np.asarray(n_response) == 0] = NO_RESPONSE
 
     i32 = np.int32
-    return {
+    maps = {}
+    if return_maps:
+        no_sink = np.zeros(a.shape, dtype=bool)
+        maps = {"raw_map": raw_map, "map": a, "sink": no_sink if sink is None else sink}
+    return maps | {
         "labels": labels,
         "grid_h": gh.astype(i32),
         "grid_w": gw.astype(i32),
