@@ -79,6 +79,25 @@ class ModelAdapter(ABC):
         """(grid_h, grid_w) of the visual tokens this model makes for a ``width`` x ``height`` image."""
 
     @abstractmethod
+    def source_box(self, grid_box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+        """Source pixels (x0, y0, x1, y1; far edge exclusive) under an inclusive grid box (y0, x0, y1, x1).
+
+        Undoes the processor's pad / resize / crop exactly and clips to the image (padding excluded).
+        """
+
+    @abstractmethod
+    def grid_box(
+        self, source_box: tuple[float, float, float, float], width: int, height: int
+    ) -> tuple[int, int, int, int] | None:
+        """Inclusive grid box (y0, x0, y1, x1) of the tokens a source box (x0, y0, x1, y1) overlaps; None if none."""
+
+    @abstractmethod
+    def grid_span(
+        self, source_box: tuple[float, float, float, float], width: int, height: int
+    ) -> tuple[float, float, float, float]:
+        """A source box in continuous grid coordinates (y0, x0, y1, x1; token i spans [i, i + 1))."""
+
+    @abstractmethod
     def build_batch(
         self,
         images: list[Image.Image],

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.models.base import Batch, ModelAdapter, left_pad
+from pipeline.models.geometry import ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
 
 
 class LlavaAdapter(ModelAdapter):
@@ -31,7 +32,34 @@ class LlavaAdapter(ModelAdapter):
         return h * w
 
     def visual_grid(self, width: int, height: int) -> tuple[int, int]:
-        return self.grid_shape  # every image is padded to square and resized to the base view
+        return self.grid_shape  # every image is fitted to the one square base view
+
+    @property
+    def view_spec(self) -> ViewSpec:
+        """How the image processor maps an image onto the base view, read from its config."""
+        ip = self.processor.image_processor
+
+        def get(obj, key):
+            return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+        shortest = get(ip.size, "shortest_edge")
+        crop = (
+            (get(ip.crop_size, "height"), get(ip.crop_size, "width")) if getattr(ip, "do_center_crop", False) else None
+        )
+        return ViewSpec(
+            pad_to_square=bool(getattr(ip, "do_pad", False)),
+            shortest_edge=int(shortest) if shortest else None,
+            crop_hw=crop if shortest and crop and None not in crop else None,
+        )
+
+    def source_box(self, grid_box, width, height):
+        return grid_box_to_source(grid_box, self.grid_shape, width, height, self.view_spec)
+
+    def grid_box(self, source_box, width, height):
+        return source_box_to_grid(source_box, self.grid_shape, width, height, self.view_spec)
+
+    def grid_span(self, source_box, width, height):
+        return source_box_to_span(source_box, self.grid_shape, width, height, self.view_spec)
 
     def render_prompt(self, question: str, n_images: int = 1) -> str:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]

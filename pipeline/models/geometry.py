@@ -1,0 +1,145 @@
+"""Exact mapping between source-image pixels and the visual token grid.
+
+A processor turns a ``width`` x ``height`` image into the base view in up to three steps, each an
+axis-aligned affine map, so the grid always tiles one rectangle of source coordinates uniformly
+(the *frame*; it reaches outside the image where there is padding and covers part of it where
+there is a centre crop):
+
+1. optional pad to square, centred as ``LlavaImageProcessorPil.pad_to_square`` does: the short side
+   is offset by ``(long - short) // 2`` pixels;
+2. resize: to the base view (scale only; the grid is resolution-free), or with ``shortest_edge``
+   the short side to that size and the long side to ``int(size * long / short)`` (transformers'
+   ``get_resize_output_image_size``);
+3. optional centre crop to ``crop_hw`` at ``((resized - crop) // 2)`` per axis.
+
+Conventions: grid boxes are ``(y0, x0, y1, x1)`` with inclusive token indices (as
+:mod:`pipeline.roi` makes them); source boxes are ``(x0, y0, x1, y1)`` pixels with the far edge
+exclusive (``PIL.Image.crop`` order). Arithmetic is exact (fractions), so results do not depend on
+float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+GridBox = tuple[int, int, int, int]  # (y0, x0, y1, x1), inclusive token indices
+SourceBox = tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels, far edge exclusive
+GridSpan = tuple[float, float, float, float]  # (y0, x0, y1, x1) continuous grid coordinates, far edge exclusive
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How a processor maps an image onto its base view.
+
+    ``shortest_edge`` None means a plain resize straight to the base view (``crop_hw`` is then
+    irrelevant); ``crop_hw`` None means no centre crop.
+    """
+
+    pad_to_square: bool = True
+    shortest_edge: int | None = None
+    crop_hw: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The source-coordinate rectangle [x0, x0 + w) x [y0, y0 + h) that the grid tiles uniformly."""
+
+    x0: Fraction
+    y0: Fraction
+    w: Fraction
+    h: Fraction
+
+
+def _as_spec(view: ViewSpec | bool) -> ViewSpec:
+    return view if isinstance(view, ViewSpec) else ViewSpec(pad_to_square=bool(view))
+
+
+def grid_frame(width: int, height: int, view: ViewSpec | bool = True) -> Frame:
+    """The frame of a ``width`` x ``height`` image under ``view`` (a bool is shorthand for pad / plain resize)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width} x {height}")
+    spec = _as_spec(view)
+    x0 = y0 = Fraction(0)
+    pw, ph = width, height
+    if spec.pad_to_square:
+        side = max(width, height)
+        x0, y0 = -Fraction((side - width) // 2), -Fraction((side - height) // 2)
+        pw = ph = side
+    if spec.shortest_edge is None or spec.crop_hw is None:
+        return Frame(x0, y0, Fraction(pw), Fraction(ph))
+    short, long = min(pw, ph), max(pw, ph)
+    new_long = int(spec.shortest_edge * long / short)  # same float expression as transformers
+    rw, rh = (spec.shortest_edge, new_long) if pw <= ph else (new_long, spec.shortest_edge)
+    ch, cw = spec.crop_hw
+    if ch > rh or cw > rw:
+        raise ValueError(f"centre crop {spec.crop_hw} is larger than the resized image {(rh, rw)}")
+    sx, sy = Fraction(pw, rw), Fraction(ph, rh)  # source pixels per resized pixel
+    return Frame(x0 + ((rw - cw) // 2) * sx, y0 + ((rh - ch) // 2) * sy, cw * sx, ch * sy)
+
+
+def grid_box_to_source(
+    grid_box: GridBox, grid_hw: tuple[int, int], width: int, height: int, view: ViewSpec | bool = True
+) -> SourceBox:
+    """Source pixels under an inclusive grid box, clipped to the image (padding excluded).
+
+    The box covers every pixel that any of its tokens touches (near edge floored, far edge
+    ceiled). A box that lies wholly in padding comes back empty (``x1 <= x0`` or ``y1 <= y0``).
+    """
+    gy0, gx0, gy1, gx1 = grid_box
+    gh, gw = grid_hw
+    if not (0 <= gy0 <= gy1 < gh and 0 <= gx0 <= gx1 < gw):
+        raise ValueError(f"grid box {grid_box} is not inside a {gh} x {gw} grid")
+    f = grid_frame(width, height, view)
+    x0 = math.floor(f.x0 + gx0 * f.w / gw)
+    x1 = math.ceil(f.x0 + (gx1 + 1) * f.w / gw)
+    y0 = math.floor(f.y0 + gy0 * f.h / gh)
+    y1 = math.ceil(f.y0 + (gy1 + 1) * f.h / gh)
+    return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+
+
+def source_box_to_span(
+    source_box: tuple[float, float, float, float],
+    grid_hw: tuple[int, int],
+    width: int,
+    height: int,
+    view: ViewSpec | bool = True,
+) -> GridSpan:
+    """A source box in continuous grid coordinates (token ``i`` spans [i, i + 1)), unclipped."""
+    x0, y0, x1, y1 = (Fraction(v) for v in source_box)
+    gh, gw = grid_hw
+    f = grid_frame(width, height, view)
+    return (
+        float((y0 - f.y0) * gh / f.h),
+        float((x0 - f.x0) * gw / f.w),
+        float((y1 - f.y0) * gh / f.h),
+        float((x1 - f.x0) * gw / f.w),
+    )
+
+
+def source_box_to_grid(
+    source_box: tuple[float, float, float, float],
+    grid_hw: tuple[int, int],
+    width: int,
+    height: int,
+    view: ViewSpec | bool = True,
+) -> GridBox | None:
+    """The inclusive grid box of every token that overlaps ``source_box`` (x0, y0, x1, y1) with positive area.
+
+    The box is clipped to the image first (ground-truth boxes may spill over); None when nothing
+    of it lies in both the image and the grid (an empty box, or one cut away by a centre crop).
+    """
+    gh, gw = grid_hw
+    x0, y0, x1, y1 = (Fraction(v) for v in source_box)
+    x0, y0, x1, y1 = max(x0, Fraction(0)), max(y0, Fraction(0)), min(x1, Fraction(width)), min(y1, Fraction(height))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    f = grid_frame(width, height, view)
+    gx0 = max(math.floor((x0 - f.x0) * gw / f.w), 0)
+    gx1 = min(math.ceil((x1 - f.x0) * gw / f.w) - 1, gw - 1)
+    gy0 = max(math.floor((y0 - f.y0) * gh / f.h), 0)
+    gy1 = min(math.ceil((y1 - f.y0) * gh / f.h) - 1, gh - 1)
+    if gx1 < gx0 or gy1 < gy0:
+        return None
+    return gy0, gx0, gy1, gx1
