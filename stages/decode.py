@@ -8,7 +8,7 @@ import click
 
 from pipeline.contracts import read_parquet, write_parquet
 from pipeline.decode import DecodeParams, decode_manifest
-from pipeline.models import load_adapter
+from pipeline.models import adapter_options, load_adapter
 from pipeline.resumable import PartStore, job_key
 from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
 
@@ -35,7 +35,9 @@ def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress
     parts = PartStore(work_dir, "decode", job_key(inputs=inputs, params=vars(params)))
     if parts.n_done():
         click.echo(f"decode: resuming, {parts.n_done()} finished batches found in {parts.dir}")
-    adapter = load_adapter(model["path"], model.get("device", "auto"), model.get("dtype", "auto"))
+    adapter = load_adapter(
+        model["path"], model.get("device", "auto"), model.get("dtype", "auto"), **adapter_options(model)
+    )
     table = decode_manifest(adapter, manifest, params, parts, progress=progress)
     write_parquet(table, responses_out, "responses", params={"model": model, "decode": vars(params)}, inputs=inputs)
     parts.cleanup()

@@ -11,7 +11,7 @@ import click
 from pipeline.attention_store import AttentionStoreWriter
 from pipeline.contracts import read_parquet
 from pipeline.dump import DumpParams, dump_attention, max_visual_tokens
-from pipeline.models import load_adapter
+from pipeline.models import adapter_options, load_adapter
 from pipeline.resumable import job_key
 from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
 
@@ -39,7 +39,9 @@ def dump(
     responses = read_parquet(responses_path, "responses")
     inputs = fingerprints(manifest_path, responses_path)
     inputs[model["path"]] = model_fingerprint(model["path"])
-    adapter = load_adapter(model["path"], model.get("device", "auto"), model.get("dtype", "auto"))
+    adapter = load_adapter(
+        model["path"], model.get("device", "auto"), model.get("dtype", "auto"), **adapter_options(model)
+    )
     work = Path(work_dir) / f"dump-{job_key(inputs=inputs, params=asdict(params))}.zarr"
     if work.exists():
         writer = AttentionStoreWriter.open_existing(work)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.labels import LabelParams, label_store
+from pipeline.label_presets import resolve_label_params
+from pipeline.labels import label_store
 from stages.common import fingerprints, load_section, params_option, progress_option
 
 
@@ -18,7 +19,7 @@ from stages.common import fingerprints, load_section, params_option, progress_op
 def label(store_path: Path, labels_out: Path, params_path: Path, progress: bool) -> None:
     """Write LABELS_OUT from the attention store STORE_PATH."""
     try:
-        params = LabelParams.from_dict(load_section(params_path, "label"))
+        params = resolve_label_params(load_section(params_path, "label"))
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(f"label: {exc}") from exc
     counts = label_store(store_path, params, labels_out, inputs=fingerprints(store_path), progress=progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -9,10 +10,22 @@ import torch
 
 from pipeline.models.base import Batch, ModelAdapter
 from pipeline.models.llava import LlavaAdapter
+from pipeline.models.qwen2_5_vl import Qwen25VLAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {"llava": LlavaAdapter}
+ADAPTERS: dict[str, type[ModelAdapter]] = {"llava": LlavaAdapter, "qwen2_5_vl": Qwen25VLAdapter}
 
-__all__ = ["ADAPTERS", "Batch", "ModelAdapter", "load_adapter", "resolve_device", "resolve_dtype"]
+# params.yaml `model` keys forwarded to the adapter's constructor (only families that take them accept them)
+ADAPTER_OPTIONS = ("resolution",)
+
+__all__ = [
+    "ADAPTERS",
+    "Batch",
+    "ModelAdapter",
+    "adapter_options",
+    "load_adapter",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -31,8 +44,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_adapter(path: str | Path, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa"):
-    """Load a local checkpoint directory (no hub access) and wrap it in the adapter of its family."""
+def adapter_options(model_section: dict) -> dict:
+    """The adapter keyword arguments in a params.yaml ``model`` section (e.g. Qwen's ``resolution``)."""
+    return {k: model_section[k] for k in ADAPTER_OPTIONS if model_section.get(k) is not None}
+
+
+def load_adapter(
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    weights: bool = True,
+    **adapter_kwargs,
+):
+    """Load a local checkpoint directory (no hub access) and wrap it in the adapter of its family.
+
+    ``weights=False`` builds the model on the meta device from its config alone: enough for prompts, grids and
+    box geometry (reports) without reading gigabytes of weights. ``adapter_kwargs`` go to the adapter's
+    constructor (Qwen2.5-VL: ``resolution``).
+    """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path)
@@ -41,23 +71,41 @@ def load_adapter(path: str | Path, device: str = "auto", dtype: str = "auto", at
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in ADAPTERS:
         raise ValueError(f"model {path}: model_type {model_type!r} has no adapter; known: {sorted(ADAPTERS)}")
+    _check_options(model_type, adapter_kwargs)
     dev = resolve_device(device)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path,
-        config=config,
-        dtype=resolve_dtype(dtype, dev),
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-    )
-    model.to(dev).eval()
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    return wrap_model(model, processor, model_id=path.name)
+    if weights:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            config=config,
+            dtype=resolve_dtype(dtype, dev),
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+        )
+        model.to(dev).eval()
+    else:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config).eval()
+    # Families whose stock processor cannot be built here (Qwen2_5_VLProcessor needs torchvision) bring a loader.
+    load_processor = getattr(ADAPTERS[model_type], "load_processor", None)
+    if load_processor is not None:
+        processor = load_processor(path)
+    else:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return wrap_model(model, processor, model_id=path.name, **adapter_kwargs)
 
 
-def wrap_model(model, processor, model_id: str) -> ModelAdapter:
+def wrap_model(model, processor, model_id: str, **adapter_kwargs) -> ModelAdapter:
     """Wrap an in-memory transformers model and its processor (tests build these from configs)."""
     model_type = model.config.model_type
     if model_type not in ADAPTERS:
         raise ValueError(f"model_type {model_type!r} has no adapter; known: {sorted(ADAPTERS)}")
-    return ADAPTERS[model_type](model, processor, model_id)
+    _check_options(model_type, adapter_kwargs)
+    return ADAPTERS[model_type](model, processor, model_id, **adapter_kwargs)
+
+
+def _check_options(model_type: str, adapter_kwargs: dict) -> None:
+    """Refuse options the family's adapter does not take (before a checkpoint is loaded for nothing)."""
+    unknown = sorted(set(adapter_kwargs) - set(inspect.signature(ADAPTERS[model_type].__init__).parameters))
+    if unknown:
+        raise ValueError(f"model options {unknown} do not apply to model_type {model_type!r}")

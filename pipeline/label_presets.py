@@ -1,0 +1,72 @@
+"""Named label-parameter presets: the reference code's per-model settings (SPEC section 4) by one name.
+
+``label: {preset: qwen2_5_vl_7b}`` in params.yaml fills every field the preset sets; explicit keys next
+to it override the preset, and a key left ``null`` counts as unset (it keeps the preset's value), so
+params.yaml may keep listing every key for documentation. ``paper`` is the plain :class:`LabelParams`
+defaults (paper eq. 1-2, norm-based sinks). Layers and heads are 0-indexed model indices; the dump
+must store them (``per_head: true`` and the layers of :func:`dump_requirements`).
+
+Not reproduced from the reference code: Qwen's 3x3 Gaussian blur of the fg mask before taking the
+box, and forcing padded-image regions to background (Qwen's views here have no padding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.labels import LabelParams
+
+# Reference-code extras shared by every model (SPEC 1.4): strict inequalities, drop big fg boxes.
+_REFERENCE = {"strict": True, "max_box_frac": 0.5}
+_LLAVA = {**_REFERENCE, "sink_method": "attention", "sink_attn_threshold": 1e-3}
+_QWEN = {**_REFERENCE, "min_a_max": 5e-3}
+_QWEN_NATURAL = {**_QWEN, "sink_method": "attention", "sink_attn_threshold": 1e-2}
+_QWEN_TEXT = {**_QWEN, "sink_method": "none"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "llava_1_5_7b": {**_LLAVA, "heads": {14: [13, 24, 26]}, "sink_attn_layer": 2, "sink_attn_heads": None},
+    "llava_1_5_13b": {
+        **_LLAVA,
+        "heads": {16: [2, 21, 30], 15: [2], 13: [21, 23, 26]},
+        "sink_attn_layer": 16,
+        "sink_attn_heads": [17, 22],
+    },
+    # natural-image heads (GQA-style questions) and text heads (OCR-style questions), per the reference code
+    "qwen2_5_vl_3b": {
+        **_QWEN_NATURAL,
+        "heads": {21: [9, 11], 22: [0, 7]},
+        "sink_attn_layer": 8,
+        "sink_attn_heads": [1, 13],
+    },
+    "qwen2_5_vl_3b_text": {**_QWEN_TEXT, "heads": {20: [1, 4], 22: [14]}},
+    "qwen2_5_vl_7b": {
+        **_QWEN_NATURAL,
+        "heads": {16: [1, 7, 17], 19: [17, 20]},
+        "sink_attn_layer": 9,
+        "sink_attn_heads": [4, 22],
+    },
+    "qwen2_5_vl_7b_text": {**_QWEN_TEXT, "heads": {22: [1, 4], 23: [6, 11]}},
+}
+
+
+def resolve_label_params(section: dict[str, Any] | None) -> LabelParams:
+    """LabelParams from a params.yaml ``label`` section: the named ``preset`` (default ``paper``) plus overrides."""
+    section = dict(section or {})
+    name = section.pop("preset", None) or "paper"
+    if name not in PRESETS:
+        raise ValueError(f"unknown label preset {name!r}; known: {sorted(PRESETS)}")
+    overrides = {k: v for k, v in section.items() if v is not None}
+    return LabelParams.from_dict({**PRESETS[name], **overrides})
+
+
+def dump_requirements(params: LabelParams) -> dict[str, Any]:
+    """What the dump stage must store for ``params``: the layers it names (at least; None = it names none) and
+    whether it needs per-head maps (``dump.per_head``)."""
+    heads = params.heads
+    layers = set(params.layers or (heads.keys() if isinstance(heads, dict) else ()))
+    for extra in (params.sink_norm_layer, params.sink_attn_layer if params.sink_method == "attention" else None):
+        if extra is not None:
+            layers.add(extra)
+    per_head = heads is not None or (params.sink_method == "attention" and params.sink_attn_heads is not None)
+    return {"layers": sorted(int(x) for x in layers) or None, "per_head": per_head}

@@ -1,0 +1,298 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): local Qwen2.5-VL-3B/7B checkpoints and the toy models.
+
+Inputs are built without torchvision: ``Qwen2VLImageProcessorPil`` turns images into patches and
+``image_grid_thw``, the tokenizer renders the chat prompt, and each ``<|image_pad|>`` is expanded here
+to ``t*h*w / merge^2`` tokens. ``mm_token_type_ids`` (1 on image tokens) goes with every forward and
+with generate(): transformers 5 only computes the 3-D M-RoPE positions when it is present and
+otherwise silently falls back to plain 1-D positions.
+
+Two grid modes (``resolution``): ``{"mode": "fixed", "size": 672}`` resizes every image to
+size x size (the paper's training setting: 24x24 merged tokens); ``{"mode": "native", "min_pixels": ..,
+"max_pixels": ..}`` keeps the aspect ratio within a pixel budget, so each sample has its own grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from pipeline.models.base import Batch, ModelAdapter, left_pad
+from pipeline.models.geometry import ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
+
+RESOLUTION_MODES = ("native", "fixed")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How images are sized before patching; ``None`` budgets fall back to the image processor's own."""
+
+    mode: str = "native"
+    size: int | None = None  # fixed: side in pixels (a multiple of patch * merge, e.g. 672)
+    min_pixels: int | None = None  # native: pixel budget passed to smart_resize
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESOLUTION_MODES:
+            raise ValueError(f"resolution mode must be one of {RESOLUTION_MODES}, got {self.mode!r}")
+        if self.mode == "fixed" and (self.size is None or self.size <= 0):
+            raise ValueError("resolution mode 'fixed' needs a positive size (e.g. 672)")
+        if self.mode == "native" and self.size is not None:
+            raise ValueError("resolution mode 'native' takes min_pixels/max_pixels, not size")
+        if self.mode == "fixed" and (self.min_pixels is not None or self.max_pixels is not None):
+            raise ValueError("resolution mode 'fixed' takes size, not min_pixels/max_pixels")
+
+    @classmethod
+    def parse(cls, spec: Resolution | dict[str, Any] | None) -> Resolution:
+        """From a params.yaml mapping (unknown keys are an error), an instance, or None (native, processor budget)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, Resolution):
+            return spec
+        known = {"mode", "size", "min_pixels", "max_pixels"}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"unknown resolution key(s) {unknown}; known: {sorted(known)}")
+        return cls(**spec)
+
+
+class QwenVLProcessor:
+    """Tokenizer + PIL image processor + chat template: what ``Qwen2_5_VLProcessor`` holds, minus torchvision."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not self.chat_template:
+            raise ValueError("Qwen2.5-VL processor: no chat template (tokenizer or chat_template.json/.jinja)")
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> QwenVLProcessor:
+        """Load from a local checkpoint directory (AutoTokenizer + ``Qwen2VLImageProcessorPil``)."""
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        path = Path(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer.padding_side = "left"
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+        template = getattr(tokenizer, "chat_template", None)
+        # Released checkpoints also ship the processor-level template beside the tokenizer's.
+        if not template and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        if not template and (path / "chat_template.json").is_file():
+            template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+        return cls(tokenizer, image_processor, template)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.chat_template = self.chat_template
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+class Qwen25VLAdapter(ModelAdapter):
+    """Adapter for Qwen2.5-VL: merged-token grids per image (fixed or native resolution) and M-RoPE positions."""
+
+    family = "qwen2_5_vl"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: QwenVLProcessor,
+        model_id: str,
+        resolution: Resolution | dict[str, Any] | None = None,
+    ):
+        super().__init__(model, processor, model_id)
+        self.resolution = Resolution.parse(resolution)
+        if self.resolution.mode == "fixed" and self.resolution.size % self.factor:
+            raise ValueError(f"fixed resolution size {self.resolution.size} must be a multiple of {self.factor}")
+
+    @classmethod
+    def load_processor(cls, path: str | Path) -> QwenVLProcessor:
+        """``Qwen2_5_VLProcessor`` needs torchvision; build the torchvision-free equivalent."""
+        return QwenVLProcessor.from_pretrained(path)
+
+    # --- geometry -------------------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def merge(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    @property
+    def factor(self) -> int:
+        """Pixels per merged token along each side (patch 14 x merge 2 = 28)."""
+        return int(self.model.config.vision_config.patch_size) * self.merge
+
+    def pixel_budget(self) -> tuple[int, int]:
+        """(min_pixels, max_pixels) of native mode: the resolution option, else the image processor's."""
+        size = self.processor.image_processor.size
+        lo = self.resolution.min_pixels or size["shortest_edge"]
+        hi = self.resolution.max_pixels or size["longest_edge"]
+        return int(lo), int(hi)
+
+    def visual_grid(self, width: int, height: int) -> tuple[int, int]:
+        if self.resolution.mode == "fixed":
+            side = self.resolution.size // self.factor
+            return side, side
+        lo, hi = self.pixel_budget()
+        h, w = smart_resize(height, width, factor=self.factor, min_pixels=lo, max_pixels=hi)
+        return h // self.factor, w // self.factor
+
+    # Both modes stretch the whole image onto the grid (no pad, no crop): the grid tiles the image uniformly.
+    _VIEW = ViewSpec(pad_to_square=False)
+
+    def source_box(self, grid_box, width, height):
+        return grid_box_to_source(grid_box, self.visual_grid(width, height), width, height, self._VIEW)
+
+    def grid_box(self, source_box, width, height):
+        return source_box_to_grid(source_box, self.visual_grid(width, height), width, height, self._VIEW)
+
+    def grid_span(self, source_box, width, height):
+        return source_box_to_span(source_box, self.visual_grid(width, height), width, height, self._VIEW)
+
+    def render_prompt(self, question: str, n_images: int = 1) -> str:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode_images(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """pixel_values (sum of patches, patch_dim) and image_grid_thw (n, 3) in patch units, per the resolution."""
+        ip = self.processor.image_processor
+        if self.resolution.mode == "fixed":
+            side = self.resolution.size
+            resized = [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
+            # Already a multiple of the patch factor: the processor must not apply its own pixel budget on top.
+            out = ip(resized, do_resize=False, return_tensors="pt")
+        else:
+            lo, hi = self.pixel_budget()
+            out = ip(images, size={"shortest_edge": lo, "longest_edge": hi}, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"].long()}
+
+    # --- batches --------------------------------------------------------------------------------------
+    def build_batch(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        responses: list[list[int]] | None = None,
+    ) -> Batch:
+        """Tokenise, expand each ``<|image_pad|>`` and left-pad; ``images`` fill the placeholders in order."""
+        tok = self.tokenizer
+        pad_id = self.image_token_id
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        n_placeholders = [row.count(pad_id) for row in prompt_ids]
+        if sum(n_placeholders) != len(images):
+            raise ValueError(f"{len(images)} images for {sum(n_placeholders)} <|image_pad|> placeholders")
+        enc = self.encode_images(images) if images else {}
+        thw = enc["image_grid_thw"].tolist() if images else []
+        merged = [(h // self.merge, w // self.merge) for _, h, w in thw]
+        tokens_per_image = [t * h * w for (t, _, _), (h, w) in zip(thw, merged, strict=True)]
+
+        responses = responses if responses is not None else [[] for _ in prompts]
+        rows, types, first_span, grids = [], [], [], []
+        k = 0
+        for i, (ids, resp) in enumerate(zip(prompt_ids, responses, strict=True)):
+            bad = {self.image_token_id, int(self.model.config.video_token_id)} & set(resp)
+            if bad:
+                raise ValueError(f"batch row {i}: response contains vision placeholder token(s) {sorted(bad)}")
+            row: list[int] = []
+            typ: list[int] = []
+            span = None
+            for t in ids:
+                if t != pad_id:
+                    row.append(t)
+                    typ.append(0)
+                    continue
+                if span is None:
+                    span = (len(row), tokens_per_image[k])
+                    grids.append(merged[k])
+                row.extend([pad_id] * tokens_per_image[k])
+                typ.extend([1] * tokens_per_image[k])
+                k += 1
+            if span is None:
+                raise ValueError(f"batch row {i}: prompt has no <|image_pad|> placeholder")
+            rows.append(row + list(resp))
+            types.append(typ + [0] * len(resp))
+            first_span.append(span)
+
+        ids, mask = left_pad(rows, self.pad_token_id)
+        mm_types, _ = left_pad(types, 0)
+        width = ids.shape[1]
+        n_vis = max(n for _, n in first_span)
+        visual_index = torch.zeros((len(rows), n_vis), dtype=torch.long)
+        visual_valid = torch.zeros((len(rows), n_vis), dtype=torch.bool)
+        for i, (start, n) in enumerate(first_span):
+            offset = width - len(rows[i])  # left padding shifts every position of the row
+            visual_index[i, :n] = torch.arange(offset + start, offset + start + n)
+            visual_valid[i, :n] = True
+        inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm_types, **enc}
+        return Batch(
+            inputs=inputs,
+            visual_index=visual_index,
+            visual_valid=visual_valid,
+            grids=grids,
+            response_len=torch.tensor([len(r) for r in responses], dtype=torch.long),
+            prompt_len=torch.tensor([len(r) - len(s) for r, s in zip(rows, responses, strict=True)], dtype=torch.long),
+        )
+
+    # --- positions ------------------------------------------------------------------------------------
+    def position_ids(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, B, S) M-RoPE positions (temporal, height, width) and (B, 1) rope deltas, exactly as generate() does.
+
+        Left padding is skipped (padded slots get 0); text after an image continues from
+        ``start + max(grid_h, grid_w)``, so a row's positions end ``rope_delta`` away from its token count.
+        """
+        inp = batch.inputs
+        return self.model.model.get_rope_index(
+            inp["input_ids"],
+            mm_token_type_ids=inp["mm_token_type_ids"],
+            image_grid_thw=inp["image_grid_thw"],
+            attention_mask=inp["attention_mask"],
+        )
+
+    def forward_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``model(...)`` with explicit 3-D positions (not the model's cached rope deltas)."""
+        inputs = dict(batch.inputs)
+        inputs["position_ids"] = self.position_ids(batch)[0]
+        return inputs
+
+    def rope_cos_sin(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) pair the decoder hands its attention modules, (B, S, head_dim), for (3, B, S) positions."""
+        return self.model.model.language_model.rotary_emb(hidden, position_ids)
+
+    @property
+    def mrope_section(self) -> list[int]:
+        return list(self.model.config.text_config.rope_parameters["mrope_section"])
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def rotate(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """M-RoPE on (B, H, S, D) queries or keys.
+
+        transformers 5 hands attention modules cos/sin already recomposed per ``mrope_section`` (B, S, D); a
+        per-axis pair (3, B, S, D), as older versions passed, is recomposed here first.
+        """
+        cos, sin = position_embeddings
+        if cos.ndim == 4:
+            cos, sin = self._recompose(cos), self._recompose(sin)
+        return apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+    def _recompose(self, freq: torch.Tensor) -> torch.Tensor:
+        """(3, B, S, D) -> (B, S, D): frequency band ``i`` of mrope_section takes axis ``i % 3`` (t, h, w)."""
+        half = freq[..., : freq.shape[-1] // 2]
+        parts = [chunk[i % 3] for i, chunk in enumerate(half.split(self.mrope_section, dim=-1))]
+        band = torch.cat(parts, dim=-1)
+        return torch.cat((band, band), dim=-1)

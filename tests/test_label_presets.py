@@ -1,0 +1,75 @@
+"""Named label presets (SPEC section 4): one params.yaml key picks a model's reference settings."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.label_presets import PRESETS, dump_requirements, resolve_label_params
+from pipeline.labels import LabelParams
+
+
+def test_paper_is_the_plain_defaults():
+    assert resolve_label_params({}) == LabelParams()
+    assert resolve_label_params(None) == LabelParams()
+    assert resolve_label_params({"preset": "paper"}) == LabelParams()
+
+
+def test_qwen_7b_preset_matches_spec_table():
+    p = resolve_label_params({"preset": "qwen2_5_vl_7b"})
+    assert p.heads == {16: [1, 7, 17], 19: [17, 20]}
+    assert (p.sink_method, p.sink_attn_layer, p.sink_attn_heads, p.sink_attn_threshold) == (
+        "attention",
+        9,
+        [4, 22],
+        1e-2,
+    )
+    assert (p.min_a_max, p.max_box_frac, p.strict) == (5e-3, 0.5, True)
+    assert (p.tau_fg, p.tau_bg) == (0.2, 0.1)
+    assert dump_requirements(p) == {"layers": [9, 16, 19], "per_head": True}
+    text = resolve_label_params({"preset": "qwen2_5_vl_7b_text"})
+    assert text.heads == {22: [1, 4], 23: [6, 11]} and text.sink_method == "none" and text.min_a_max == 5e-3
+
+
+def test_other_presets_match_spec_table():
+    p3 = resolve_label_params({"preset": "qwen2_5_vl_3b"})
+    assert p3.heads == {21: [9, 11], 22: [0, 7]} and (p3.sink_attn_layer, p3.sink_attn_heads) == (8, [1, 13])
+    assert resolve_label_params({"preset": "qwen2_5_vl_3b_text"}).heads == {20: [1, 4], 22: [14]}
+    l7 = resolve_label_params({"preset": "llava_1_5_7b"})
+    assert l7.heads == {14: [13, 24, 26]} and (l7.sink_attn_layer, l7.sink_attn_heads) == (2, None)
+    assert (l7.sink_attn_threshold, l7.min_a_max, l7.strict, l7.max_box_frac) == (1e-3, None, True, 0.5)
+    l13 = resolve_label_params({"preset": "llava_1_5_13b"})
+    assert l13.heads == {16: [2, 21, 30], 15: [2], 13: [21, 23, 26]}
+    assert (l13.sink_attn_layer, l13.sink_attn_heads) == (16, [17, 22])
+    assert dump_requirements(l13) == {"layers": [13, 15, 16], "per_head": True}
+    assert set(PRESETS) >= {"paper", "llava_1_5_7b", "llava_1_5_13b", "qwen2_5_vl_3b", "qwen2_5_vl_7b"}
+
+
+def test_explicit_keys_override_and_null_keeps_the_preset():
+    p = resolve_label_params({"preset": "qwen2_5_vl_7b", "tau_fg": 0.3, "strict": False, "min_a_max": None})
+    assert (p.tau_fg, p.strict, p.min_a_max) == (0.3, False, 5e-3)
+    assert p.heads == {16: [1, 7, 17], 19: [17, 20]}
+    # YAML gives layer keys as strings when quoted; LabelParams normalises them
+    q = resolve_label_params({"preset": "qwen2_5_vl_7b", "heads": {"16": [1]}})
+    assert q.heads == {16: [1]}
+
+
+def test_unknown_preset_or_key_is_an_error():
+    with pytest.raises(ValueError, match="unknown label preset"):
+        resolve_label_params({"preset": "qwen"})
+    with pytest.raises(ValueError, match="unknown label params"):
+        resolve_label_params({"preset": "paper", "tau_fgg": 0.3})
+
+
+def test_label_stage_reads_the_preset(tmp_path):
+    """stages/label.py resolves the section through the presets (an unknown preset is a parameter error)."""
+    from stages.label import label
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"label": {"preset": "no_such_model"}}))
+    (tmp_path / "store.zarr").mkdir()
+    res = CliRunner().invoke(
+        label, [str(tmp_path / "store.zarr"), str(tmp_path / "labels.parquet"), "--params", str(params)]
+    )
+    assert res.exit_code != 0 and "unknown label preset" in res.output
