@@ -8,6 +8,7 @@ from stages.decode import decode
 from stages.dump import dump
 from stages.label import label
 from stages.prepare import prepare
+from stages.train import train
 from stages.world import world
 
 
@@ -16,7 +17,7 @@ def main() -> None:
     """SD-RPN pipeline stages (run them through `dvc repro`, or one by one)."""
 
 
-for command in (world, prepare, decode, dump, label):
+for command in (world, prepare, decode, dump, label, train):
     main.add_command(command)
 
 if __name__ == "__main__":

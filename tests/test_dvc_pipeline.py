@@ -1,7 +1,8 @@
-"""`dvc repro` end to end on a tiny model: all stages run, a rerun does nothing, a label threshold reruns label only."""
+"""`dvc repro` end to end on a tiny model: all stages run, a rerun is a no-op, a label threshold reruns label+train."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import yaml
 from pipeline.contracts import read_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["world", "prepare", "decode", "dump", "label"]
+STAGES = ["world", "prepare", "decode", "dump", "label", "train"]
 
 
 def _dvc(project: Path, *args: str) -> str:
@@ -42,6 +43,7 @@ def project(tmp_path_factory, toy_dir) -> Path:
     params["model"].update(path="models/tiny", device="cpu", dtype="float32")
     params["decode"].update(batch_size=4, max_new_tokens=3)
     params["dump"].update(layers=[1, 2], batch_size=4)
+    params["train"].update(B=1, R=2, global_batch=4, micro_batch=2, holdout_frac=0.2, save_every=1)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     _dvc(proj, "init", "-q")
@@ -53,19 +55,23 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert _ran(first) == STAGES
     labels = read_parquet(project / "artifacts/labels.parquet", "labels")
     assert labels.num_rows == 10
+    assert sorted(p.name for p in (project / "artifacts/rpn").iterdir()) == ["rpn.safetensors", "rpn_config.json"]
+    metrics = json.loads((project / "artifacts/train_metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_holdout"] + metrics["n_skipped"] == 10
+    assert (project / "artifacts/train_steps.csv").read_text().startswith("step,epoch,loss,lr,grad_norm")
     second = _dvc(project, "repro")
     assert _ran(second) == []
     assert "up to date" in _dvc(project, "status")
 
 
-def test_label_threshold_change_reruns_only_label(project):
+def test_label_threshold_change_reruns_label_and_train(project):
     _dvc(project, "repro")
     before = pl.read_parquet(project / "artifacts/labels.parquet")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["label"]["tau_fg"] = 0.6
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _dvc(project, "repro")
-    assert _ran(out) == ["label"]
+    assert _ran(out) == ["label", "train"]
     after = pl.read_parquet(project / "artifacts/labels.parquet")
     assert after["n_fg"].sum() <= before["n_fg"].sum()  # a higher fg threshold never adds fg tokens
 

@@ -1,0 +1,486 @@
+"""Training the RPN on the label artifact: a plain nanoGPT-style loop, resumable, DDP under ``torchrun``.
+
+One optimizer step consumes one global batch of ``global_batch`` samples whatever the world size: each rank
+takes a contiguous, disjoint shard of it and accumulates gradients over micro-batches of ``micro_batch``.
+The loss of a step is the BCE summed over the global batch's kept tokens divided by their count, so the
+gradient is the same for any world size or micro-batch size (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.images import load_images
+from pipeline.models.base import Batch, ModelAdapter
+from pipeline.rpn import RPN, masked_bce
+
+STATE_NAME = "state.pt"
+PLOT_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm")
+
+
+@dataclass
+class TrainParams:
+    """RPN training settings (SPEC 2; reference: LLaVA lr 5e-5, global batch 512; Qwen lr 1e-4, 128, clip 1)."""
+
+    B: int = 15  # frozen decoder layers (LLaVA-1.5-7B/13B 15, Qwen2.5-VL-3B 21, -7B 16)
+    R: int = 3  # RPN layers copied from B..B+R-1
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.03  # linear warmup over this share of the steps, then cosine to 0
+    epochs: int = 1
+    global_batch: int = 512  # samples per optimizer step, summed over ranks
+    micro_batch: int = 16  # samples per forward on one rank
+    grad_clip: float | None = None  # max global grad norm (Qwen reference: 1.0)
+    bf16: bool | str = "auto"  # autocast to bfloat16; auto = on GPUs that support it
+    holdout_frac: float = 0.02  # kept samples held out for the final loss / fg-bg accuracy
+    seed: int = 42
+    save_every: int = 50  # steps between resumable training states
+    log_every: int = 10  # steps between log lines (every step is recorded)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # YAML gives a list
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas}")
+        if self.global_batch < 1 or self.micro_batch < 1 or self.epochs < 1 or self.save_every < 1:
+            raise ValueError("global_batch, micro_batch, epochs and save_every must be >= 1")
+        if not 0 <= self.holdout_frac < 1 or not 0 <= self.warmup_frac < 1:
+            raise ValueError("holdout_frac and warmup_frac must lie in [0, 1)")
+        if self.bf16 not in (True, False, "auto"):
+            raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
+
+
+@dataclass
+class Sample:
+    """One kept training sample: where its image is, its question, and its row-major labels."""
+
+    sample_id: str
+    image: str
+    question: str
+    labels: np.ndarray  # int8 (grid_h * grid_w,) in {-1, 0, 1}
+    grid: tuple[int, int]
+
+    @property
+    def n_labelled(self) -> int:
+        return int(np.count_nonzero(self.labels != -1))
+
+
+def label_arrays(labels: pa.Table) -> list[np.ndarray]:
+    """Each row's labels as an int8 array, checked against its grid_h * grid_w."""
+    col = labels.column("labels").combine_chunks()
+    sizes = labels.column("grid_h").to_numpy().astype(np.int64) * labels.column("grid_w").to_numpy()
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(lengths != sizes)
+    if len(bad):
+        ids = [labels.column("sample_id")[int(i)].as_py() for i in bad[:5]]
+        raise ValueError(f"labels: label count != grid_h*grid_w for sample(s) {ids}")
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int8, copy=False)
+    return np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
+
+
+def join_samples(manifest: pa.Table, labels: pa.Table) -> tuple[list[Sample], int]:
+    """Kept samples with their image and question from the manifest, and how many were not kept.
+
+    A label whose sample is not in the manifest is an error naming it (the two come from different runs).
+    """
+    by_id = dict(
+        zip(
+            manifest.column("sample_id").to_pylist(),
+            zip(manifest.column("image").to_pylist(), manifest.column("question").to_pylist(), strict=True),
+            strict=True,
+        )
+    )
+    ids = labels.column("sample_id").to_pylist()
+    missing = [s for s in ids if s not in by_id]
+    if missing:
+        raise ValueError(
+            f"labels: sample(s) {missing[:5]} ({len(missing)} in all) are not in the manifest; "
+            "were labels and manifest made by different runs?"
+        )
+    kept = labels.column("kept").to_numpy(zero_copy_only=False)
+    arrays = label_arrays(labels)
+    gh, gw = labels.column("grid_h").to_pylist(), labels.column("grid_w").to_pylist()
+    samples = [
+        Sample(ids[i], by_id[ids[i]][0], by_id[ids[i]][1], arrays[i], (gh[i], gw[i])) for i in np.flatnonzero(kept)
+    ]
+    return samples, int(len(ids) - len(samples))
+
+
+# --- distributed -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size of the current process group (0 / 1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group ``torchrun`` describes in the environment (nccl on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return dist_info()
+
+
+def _all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# --- schedule, data plan -----------------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, params: TrainParams) -> float:
+    """Learning rate of 0-based ``step``: linear warmup (nanoGPT's (it+1)/(warmup+1)), then cosine to 0."""
+    warmup = math.ceil(params.warmup_frac * total)
+    if step < warmup:
+        return params.lr * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return params.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def split_holdout(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, holdout) sample positions: a seeded permutation, the first round(frac * n) held out."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_hold = min(round(frac * n), max(n - 1, 0))
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+@dataclass
+class Plan:
+    """Which samples each step uses: a fresh seeded order per epoch, global batches cut from it."""
+
+    train_idx: np.ndarray
+    params: TrainParams
+    steps_per_epoch: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.steps_per_epoch = math.ceil(len(self.train_idx) / self.params.global_batch)
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.params.epochs
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def global_batch(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.params.seed, epoch + 1])
+            self._orders[epoch] = self.train_idx[rng.permutation(len(self.train_idx))]
+        g = self.params.global_batch
+        return self._orders[epoch][i * g : (i + 1) * g]
+
+    def micro_batches(self, step: int, info: DistInfo) -> list[tuple[np.ndarray, float]]:
+        """This rank's micro-batches of ``step`` as (sample positions, loss weight).
+
+        A rank left without samples (a last batch smaller than the world) runs one sample at weight 0, so
+        every rank still takes part in DDP's gradient all-reduce.
+        """
+        idx = self.global_batch(step)
+        shard = np.array_split(idx, info.world)[info.rank]
+        if len(shard) == 0:
+            return [(idx[:1], 0.0)]
+        mb = self.params.micro_batch
+        return [(shard[i : i + mb], 1.0) for i in range(0, len(shard), mb)]
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    labels: torch.Tensor  # (b, V) int8, -1 past each sample's visual tokens
+    weight: float
+
+    def to(self, device: torch.device) -> MicroBatch:
+        self.batch = self.batch.to(device)
+        self.labels = self.labels.to(device)
+        return self
+
+
+def make_micro(adapter: ModelAdapter, samples: list[Sample], idx: np.ndarray, weight: float = 1.0) -> MicroBatch:
+    """Load images, build the model batch and the matching padded label tensor."""
+    chosen = [samples[int(i)] for i in idx]
+    images = load_images([s.image for s in chosen], [s.sample_id for s in chosen])
+    batch = adapter.build_batch(images, [adapter.render_prompt(s.question) for s in chosen])
+    labels = torch.full(batch.visual_index.shape, -1, dtype=torch.int8)
+    for row, s in enumerate(chosen):
+        h, w = batch.grids[row]
+        if tuple(s.grid) != (h, w) or int(batch.visual_valid[row].sum()) != h * w:
+            raise ValueError(
+                f"sample {s.sample_id}: labels are on a {s.grid[0]}x{s.grid[1]} grid but the model makes {h}x{w} "
+                "visual tokens; were the labels made with another model?"
+            )
+        labels[row, : h * w] = torch.tensor(s.labels)  # label arrays can be read-only arrow views
+    return MicroBatch(batch, labels, weight)
+
+
+def _prefetch(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 3) -> Iterator[Any]:
+    """``map(fn, items)`` in order, computed ahead by ``workers`` threads so batch building overlaps the model.
+
+    Image decoding, resizing and tokenising mostly release the GIL; one thread alone can fall behind a GPU.
+    """
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque(pool.submit(fn, x) for x in _take(it, 2 * workers))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(fn, x) for x in _take(it, 1))
+            yield result
+
+
+def _take(it: Iterator[Any], n: int) -> list[Any]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+# --- resumable state ---------------------------------------------------------------------------------------
+
+
+def save_state(path: Path, rpn: RPN, optimizer: torch.optim.Optimizer, step: int, records: list[dict]) -> None:
+    """Everything a rerun needs to continue after ``step`` completed steps, written atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "rpn": rpn.trainable_state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "records": records,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    tmp = path / (STATE_NAME + ".tmp")
+    torch.save(state, tmp)  # training state inside the work dir only; the final checkpoint is safetensors
+    os.replace(tmp, path / STATE_NAME)
+
+
+def load_state(path: Path, rpn: RPN, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Restore a saved state into ``rpn`` and ``optimizer``; returns (completed steps, records)."""
+    state = torch.load(path / STATE_NAME, map_location=rpn.device, weights_only=True)
+    rpn.load_state_dict(state["rpn"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if torch.cuda.is_available() and state["rng_cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+    return int(state["step"]), list(state["records"])
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    rpn: RPN
+    metrics: dict[str, Any]
+    records: list[dict[str, float]]
+
+
+def use_bf16(flag: bool | str, device: torch.device) -> bool:
+    if flag == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(flag)
+
+
+def train_rpn(
+    adapter: ModelAdapter,
+    samples: list[Sample],
+    params: TrainParams,
+    *,
+    n_skipped: int = 0,
+    state_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train an RPN copied from ``adapter``'s model on ``samples``; resumes from ``state_dir`` if it holds a state.
+
+    Runs distributed when a process group is initialised (see :func:`init_distributed`). ``on_step(step,
+    record)`` is called after every completed (and, when due, saved) step.
+    """
+    info = dist_info()
+    device = adapter.device
+    torch.manual_seed(params.seed)
+    train_idx, hold_idx = split_holdout(len(samples), params.holdout_frac, params.seed)
+    if len(train_idx) == 0:
+        raise ValueError("no kept samples to train on")
+    plan = Plan(train_idx, params)
+    total = plan.total_steps
+
+    rpn = RPN.from_base(adapter, params.B, params.R).to(device)
+    trainable = [p for p in rpn.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=params.lr, betas=params.betas, weight_decay=params.weight_decay, fused=device.type == "cuda"
+    )
+    start, records = 0, []
+    state_path = Path(state_dir) if state_dir is not None else None
+    if state_path is not None and (state_path / STATE_NAME).is_file():
+        start, records = load_state(state_path, rpn, optimizer)
+        if info.is_main:
+            tqdm.write(f"train: resuming at step {start}/{total} from {state_path}")
+    model = rpn
+    if info.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(rpn, device_ids=None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(params.bf16, device))
+
+    n_per_step = [sum(samples[int(i)].n_labelled for i in plan.global_batch(s)) for s in range(total)]
+    work = [(s, idx, w) for s in range(start, total) for idx, w in plan.micro_batches(s, info)]
+    stream = _prefetch(lambda item: make_micro(adapter, samples, item[1], item[2]), work)
+    done = sum(len(plan.global_batch(s)) for s in range(start))
+    bar = tqdm(
+        total=sum(len(plan.global_batch(s)) for s in range(total)),
+        initial=done,
+        desc="train",
+        unit="sample",
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+    )
+    rpn.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        micros = plan.micro_batches(step, info)
+        norm = max(n_per_step[step], 1)
+        loss_sum = torch.zeros((), device=device)
+        for j in range(len(micros)):
+            mb = next(stream).to(device)
+            sync = info.world == 1 or j == len(micros) - 1
+            with nullcontext() if sync else model.no_sync():
+                with autocast:
+                    logits = model(mb.batch)
+                s = masked_bce(logits, mb.labels, mb.batch.visual_valid, normalizer=1.0)
+                # DDP averages gradients over ranks; the world factor turns that into the global-batch mean.
+                (s * (mb.weight * info.world / norm)).backward()
+            loss_sum += s.detach() * mb.weight
+        loss = float(_all_reduce(loss_sum, info)) / norm
+        max_norm = params.grad_clip if params.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        lr = lr_at(step, total, params)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        n = len(plan.global_batch(step))
+        record = {
+            "step": step + 1,
+            "epoch": plan.epoch_of(step),
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "samples": n,
+            "time_s": time.perf_counter() - t0,
+        }
+        records.append(record)
+        bar.update(n)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if info.is_main and params.log_every and (step + 1) % params.log_every == 0:
+            tqdm.write(f"train: step {step + 1}/{total} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f}")
+        if state_path is not None and info.is_main and (step + 1) % params.save_every == 0 and step + 1 < total:
+            save_state(state_path, rpn, optimizer, step + 1, records)
+        if on_step is not None:
+            on_step(step + 1, record)
+    bar.close()
+    rpn.eval()
+
+    held = evaluate(rpn, adapter, samples, hold_idx, params, info)
+    last = [r["loss"] for r in records[-10:]]
+    timed = records[1:] if len(records) > 1 else records  # the first step pays for warm-up
+    metrics = {
+        "train_loss": float(np.mean(last)) if last else None,  # mean of the last (up to) 10 steps
+        **held,
+        "n_train": len(train_idx),
+        "n_holdout": len(hold_idx),
+        "n_skipped": n_skipped,
+        "steps": total,
+        "world_size": info.world,
+        "samples_per_s": sum(r["samples"] for r in timed) / max(sum(r["time_s"] for r in timed), 1e-9),
+    }
+    return TrainResult(rpn=rpn, metrics=metrics, records=records)
+
+
+@torch.no_grad()
+def evaluate(
+    rpn: RPN,
+    adapter: ModelAdapter,
+    samples: list[Sample],
+    idx: np.ndarray,
+    params: TrainParams,
+    info: DistInfo | None = None,
+) -> dict[str, float | None]:
+    """Held-out loss (mean over labelled tokens), fg accuracy (sigmoid > 0.5) and bg accuracy (<= 0.5)."""
+    info = info or dist_info()
+    device = rpn.device
+    shard = np.array_split(idx, info.world)[info.rank] if len(idx) else idx
+    # bce sum, labelled tokens, fg hits, fg tokens, bg hits, bg tokens
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(params.bf16, device))
+    for i in range(0, len(shard), params.micro_batch):
+        mb = make_micro(adapter, samples, shard[i : i + params.micro_batch]).to(device)
+        with autocast:
+            logits = rpn(mb.batch)
+        lab, valid = mb.labels, mb.batch.visual_valid
+        fg, bg = (lab == 1) & valid, (lab == 0) & valid
+        sums += torch.stack(
+            [
+                masked_bce(logits, lab, valid, normalizer=1.0).double(),
+                (fg | bg).sum().double(),
+                (fg & (logits > 0)).sum().double(),
+                fg.sum().double(),
+                (bg & (logits <= 0)).sum().double(),
+                bg.sum().double(),
+            ]
+        )
+    sums = _all_reduce(sums, info).tolist()
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None  # JSON null, not NaN, when the split has no such token
+
+    return {
+        "holdout_loss": ratio(sums[0], sums[1]),
+        "holdout_fg_acc": ratio(sums[2], sums[3]),
+        "holdout_bg_acc": ratio(sums[4], sums[5]),
+    }
+
+
+def params_dict(params: TrainParams) -> dict[str, Any]:
+    """JSON-friendly parameters (for job keys and the checkpoint config)."""
+    d = asdict(params)
+    d["betas"] = list(d["betas"])
+    return d

@@ -1,0 +1,81 @@
+"""train: the RPN on the label artifact (SPEC 2), to a safetensors checkpoint directory (resumable, DDP).
+
+One process: ``sdrpn train ...``. Several GPUs or nodes: the same command under torchrun, e.g.
+``torchrun --nproc_per_node 4 -m stages.cli train artifacts/manifest.parquet artifacts/labels.parquet ...``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import click
+import torch.distributed as dist
+
+from pipeline.contracts import read_parquet
+from pipeline.models import adapter_options, load_adapter
+from pipeline.resumable import job_key
+from pipeline.train import PLOT_COLUMNS, TrainParams, init_distributed, join_samples, params_dict, train_rpn
+from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
+
+
+@click.command("train")
+@click.argument("manifest_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("labels_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("ckpt_out", type=click.Path(path_type=Path))
+@click.option("--metrics", "metrics_out", type=click.Path(path_type=Path), required=True, help="final metrics JSON")
+@click.option("--plots", "plots_out", type=click.Path(path_type=Path), required=True, help="per-step loss/lr CSV")
+@params_option
+@progress_option
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default="artifacts/.work",
+    show_default=True,
+    help="where training states are saved so a rerun resumes",
+)
+def train(
+    manifest_path: Path,
+    labels_path: Path,
+    ckpt_out: Path,
+    metrics_out: Path,
+    plots_out: Path,
+    params_path: Path,
+    progress: bool,
+    work_dir: Path,
+) -> None:
+    """Write CKPT_OUT (RPN weights + rpn_config.json) trained on LABELS_PATH for the samples of MANIFEST_PATH."""
+    model = load_section(params_path, "model")
+    try:
+        params = to_dataclass(TrainParams, load_section(params_path, "train"), "train")
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(f"train: {exc}") from exc
+    info = init_distributed()
+    device = model.get("device", "auto")
+    if info.world > 1 and device in ("auto", "cuda"):
+        import torch
+
+        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    samples, n_skipped = join_samples(read_parquet(manifest_path, "manifest"), read_parquet(labels_path, "labels"))
+    inputs = fingerprints(manifest_path, labels_path)
+    inputs[model["path"]] = model_fingerprint(model["path"])
+    state_dir = Path(work_dir) / f"train-{job_key(inputs=inputs, params=params_dict(params))}"
+    # same adapter options (Qwen: resolution) as decode/dump, so the visual grid is the one the labels are on
+    adapter = load_adapter(model["path"], device, model.get("dtype", "auto"), **adapter_options(model))
+    result = train_rpn(adapter, samples, params, n_skipped=n_skipped, state_dir=state_dir, progress=progress)
+    if info.is_main:
+        result.rpn.save(ckpt_out, label_hash=inputs[str(labels_path)], extra={"train_params": params_dict(params)})
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        metrics_out.write_text(json.dumps(result.metrics, indent=2) + "\n")
+        plots_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(plots_out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=PLOT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(result.records)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        click.echo(f"train: {len(samples)} samples ({n_skipped} skipped), metrics {result.metrics} -> {ckpt_out}")
+    if info.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
