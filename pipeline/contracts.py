@@ -89,7 +89,7 @@ def load_schema(name: str) -> Schema:
 def _type_name(t: pa.DataType) -> str:
     if pa.types.is_fixed_size_list(t):
         return f"fixed_size_list<{_type_name(t.value_type)}>"
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
         return f"list<{_type_name(t.value_type)}>"
     if pa.types.is_large_string(t) or pa.types.is_string(t) or pa.types.is_string_view(t):
         return "string"

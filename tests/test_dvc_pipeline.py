@@ -17,7 +17,24 @@ import yaml
 from pipeline.contracts import read_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["world", "prepare", "decode", "dump", "label", "train"]
+STAGES = {
+    "world",
+    "world_eval",
+    "prepare",
+    "prepare_eval",
+    "decode",
+    "dump",
+    "label",
+    "label_report",
+    "train",
+    "evaluate",
+}
+# every chain that must run in this order
+CHAINS = [
+    ["world", "prepare", "decode", "dump", "label", "train", "evaluate"],
+    ["world_eval", "prepare_eval", "evaluate"],
+    ["dump", "label_report"],
+]
 
 
 def _dvc(project: Path, *args: str) -> str:
@@ -44,6 +61,7 @@ def project(tmp_path_factory, toy_dir) -> Path:
     params["decode"].update(batch_size=4, max_new_tokens=3)
     params["dump"].update(layers=[1, 2], batch_size=4)
     params["train"].update(B=1, R=2, global_batch=4, micro_batch=2, holdout_frac=0.2, save_every=1)
+    params["evaluate"].update(batch_size=4, max_new_tokens=3, raw_attention_layers=[1])
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     _dvc(proj, "init", "-q")
@@ -51,27 +69,36 @@ def project(tmp_path_factory, toy_dir) -> Path:
 
 
 def test_repro_runs_every_stage_then_nothing(project):
-    first = _dvc(project, "repro")
-    assert _ran(first) == STAGES
+    first = _ran(_dvc(project, "repro"))
+    assert set(first) == STAGES and len(first) == len(STAGES)
+    for chain in CHAINS:
+        assert [s for s in first if s in chain] == chain
     labels = read_parquet(project / "artifacts/labels.parquet", "labels")
     assert labels.num_rows == 10
     assert sorted(p.name for p in (project / "artifacts/rpn").iterdir()) == ["rpn.safetensors", "rpn_config.json"]
     metrics = json.loads((project / "artifacts/train_metrics.json").read_text())
     assert metrics["n_train"] + metrics["n_holdout"] + metrics["n_skipped"] == 10
     assert (project / "artifacts/train_steps.csv").read_text().startswith("step,epoch,loss,lr,grad_norm")
+    quality = json.loads((project / "artifacts/metrics/label_quality.json").read_text())
+    assert quality["n_samples_with_gt"] == 10
+    evaluation = json.loads((project / "artifacts/metrics/evaluate.json").read_text())
+    assert set(evaluation) == {"baseline", "sdrpn_masked", "sdrpn_box", "raw_attention"}
+    assert read_parquet(project / "artifacts/eval/predictions.parquet", "predictions").num_rows == 4 * 4
     second = _dvc(project, "repro")
     assert _ran(second) == []
     assert "up to date" in _dvc(project, "status")
 
 
-def test_label_threshold_change_reruns_label_and_train(project):
+def test_label_threshold_change_reruns_label_and_what_follows(project):
     _dvc(project, "repro")
     before = pl.read_parquet(project / "artifacts/labels.parquet")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["label"]["tau_fg"] = 0.6
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _dvc(project, "repro")
-    assert _ran(out) == ["label", "train"]
+    ran = _ran(out)
+    assert set(ran) == {"label", "label_report", "train", "evaluate"}
+    assert ran.index("label") < ran.index("train") < ran.index("evaluate")
     after = pl.read_parquet(project / "artifacts/labels.parquet")
     assert after["n_fg"].sum() <= before["n_fg"].sum()  # a higher fg threshold never adds fg tokens
 
@@ -80,4 +107,5 @@ def test_label_code_change_reruns_only_label(project):
     _dvc(project, "repro")
     with open(project / "pipeline/labels.py", "a") as fh:
         fh.write("\n# edited\n")
-    assert _ran(_dvc(project, "repro")) == ["label"]
+    # labels.parquet comes out byte-identical, so train (which depends on the artifact, not the code) stays put
+    assert sorted(_ran(_dvc(project, "repro"))) == ["label", "label_report"]

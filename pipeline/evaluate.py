@@ -1,0 +1,202 @@
+"""The evaluate stage's work: baseline vs SD-RPN (and the ablation ladder) on one manifest, in one run.
+
+Every method answers the same batches, so accuracy, localisation and throughput relative to the
+baseline are measured side by side: the baseline (original view), SD-RPN with masked and box
+upscaling, RoI from the teacher's raw attention (no RPN), and any further RPNs (ablations).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.attention_capture import capture_attention
+from pipeline.decode import decode_batch
+from pipeline.images import load_images
+from pipeline.label_report import gt_token_masks
+from pipeline.models.base import ModelAdapter
+from pipeline.roi import RoI, RoIParams
+from pipeline.rpn import RPN
+from pipeline.scoring import score
+from pipeline.two_stage import two_stage_batch
+
+PREDICTION_COLUMNS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("method", pa.string()),
+        ("response", pa.string()),
+        ("score", pa.float64()),
+        ("found", pa.bool_()),
+        ("crop_boxes", pa.list_(pa.list_(pa.int32()))),
+        ("n_crop_tokens", pa.int32()),
+        ("roi_precision", pa.float64()),
+        ("box_recall", pa.float64()),
+        ("iou", pa.float64()),
+    ]
+)
+
+
+@dataclass
+class EvalParams:
+    """What the evaluate stage runs (SPEC 3) and how it scores."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    scoring: str = "auto"  # exact | vqa_soft | multiple_choice | auto (vqa_soft when `answers` are given)
+    modes: list[str] = field(default_factory=lambda: ["masked", "box"])  # upscaling modes for the main RPN
+    roi: dict = field(default_factory=dict)  # RoIParams overrides (tau, smoothing, filters)
+    raw_attention: bool = True  # ablation: RoI from the teacher's answer->image attention, no RPN
+    raw_attention_layers: list[int] = field(default_factory=lambda: [4])
+    raw_attention_tau: float = 0.3  # on the map divided by its max
+
+
+def rpn_maps(rpn: RPN) -> Callable[[list[Image.Image], list[str]], list[np.ndarray]]:
+    """Stage 1: one partial forward (frozen B layers + RPN) -> sigmoid map on each image's grid."""
+    adapter = rpn.adapter
+
+    @torch.no_grad()
+    def maps(images: list[Image.Image], questions: list[str]) -> list[np.ndarray]:
+        batch = adapter.build_batch(images, [adapter.render_prompt(q) for q in questions]).to(adapter.device)
+        prob = torch.sigmoid(rpn(batch).float()).cpu().numpy()
+        return [p[: h * w].reshape(h, w) for p, (h, w) in zip(prob, batch.grids, strict=True)]
+
+    return maps
+
+
+def raw_attention_maps(
+    adapter: ModelAdapter,
+    images: list[Image.Image],
+    questions: list[str],
+    responses: list[list[int]],
+    layers: list[int],
+) -> list[np.ndarray]:
+    """The teacher's own answer->image attention (head and layer mean), divided by its max, on each grid."""
+    batch = adapter.build_batch(images, [adapter.render_prompt(q) for q in questions], responses)
+    cap = capture_attention(adapter, batch, layers)
+    att = cap.attention.mean(1).cpu().numpy()
+    out = []
+    for a, (h, w) in zip(att, batch.grids, strict=True):
+        a = a[: h * w]
+        out.append((a / a.max() if a.max() > 0 else a).reshape(h, w))
+    return out
+
+
+def _localisation(adapter: ModelAdapter, row: dict, roi: RoI, man: dict) -> tuple[float, float, float]:
+    """(share of RoI tokens inside the GT box, GT centre inside a crop, IoU of the crops' hull with the GT box)."""
+    box = (man["box_x0"], man["box_y0"], man["box_x1"], man["box_y1"])
+    if None in box:
+        return float("nan"), float("nan"), float("nan")
+    if not roi.found:
+        return float("nan"), 0.0, 0.0
+    h, w = roi.mask.shape
+    span = adapter.grid_span(box, man["width"], man["height"])
+    gt, _ = gt_token_masks([span], np.array([[h, w]]), h * w)
+    inside = float((roi.mask.ravel() & gt[0]).sum() / max(roi.mask.sum(), 1))
+    crops = row["crop_boxes"]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    recall = float(any(c[0] <= cx < c[2] and c[1] <= cy < c[3] for c in crops))
+    if not crops:
+        return inside, recall, 0.0
+    hull = (min(c[0] for c in crops), min(c[1] for c in crops), max(c[2] for c in crops), max(c[3] for c in crops))
+    ix = max(0.0, min(hull[2], box[2]) - max(hull[0], box[0]))
+    iy = max(0.0, min(hull[3], box[3]) - max(hull[1], box[1]))
+    inter = ix * iy
+    union = (hull[2] - hull[0]) * (hull[3] - hull[1]) + (box[2] - box[0]) * (box[3] - box[1]) - inter
+    return inside, recall, inter / union if union > 0 else 0.0
+
+
+def evaluate_manifest(
+    adapter: ModelAdapter,
+    manifest: pa.Table,
+    rpns: dict[str, RPN],
+    params: EvalParams,
+    main: str = "sdrpn",
+    progress: bool = True,
+) -> tuple[pa.Table, dict]:
+    """Answer every manifest question with every method; returns (per-sample predictions, metrics).
+
+    ``rpns`` maps a method name to an RPN; ``main`` gets every upscaling mode in ``params.modes``,
+    the others (ablations) masked upscaling only.
+    """
+    rows_man = manifest.to_pylist()
+    seconds: dict[str, float] = defaultdict(float)
+    out: list[dict] = []
+    bar = tqdm(total=len(rows_man), desc="evaluate", unit="sample", disable=not progress)
+    for start in range(0, len(rows_man), params.batch_size):
+        chunk = rows_man[start : start + params.batch_size]
+        images = load_images([r["image"] for r in chunk], [r["sample_id"] for r in chunk])
+        questions = [r["question"] for r in chunk]
+        t0 = time.perf_counter()
+        base = decode_batch(adapter, images, questions, params.max_new_tokens)
+        t_base = time.perf_counter() - t0
+        seconds["baseline"] += t_base
+        results: dict[str, tuple[list[dict], list[RoI | None]]] = {"baseline": (base, [None] * len(chunk))}
+        for name, rpn in rpns.items():
+            for mode in params.modes if name == main else ["masked"]:
+                method = f"{name}_{mode}"
+                roi_params = RoIParams(**{**params.roi, "mode": mode})
+                t0 = time.perf_counter()
+                results[method] = two_stage_batch(
+                    adapter, images, questions, rpn_maps(rpn), roi_params, params.max_new_tokens
+                )
+                seconds[method] += time.perf_counter() - t0
+        if params.raw_attention:
+            t0 = time.perf_counter()
+            maps = raw_attention_maps(
+                adapter, images, questions, [r["response_token_ids"] for r in base], params.raw_attention_layers
+            )
+            roi_params = RoIParams(**{**params.roi, "mode": "masked", "tau": params.raw_attention_tau})
+            results["raw_attention"] = two_stage_batch(
+                adapter, images, questions, maps, roi_params, params.max_new_tokens
+            )
+            # it needs the baseline answer first, so its cost includes the baseline's
+            seconds["raw_attention"] += time.perf_counter() - t0 + t_base
+        for method, (rows, rois) in results.items():
+            for man, row, roi in zip(chunk, rows, rois, strict=True):
+                loc = _localisation(adapter, row, roi, man) if roi is not None else (float("nan"),) * 3
+                out.append(
+                    {
+                        "sample_id": man["sample_id"],
+                        "method": method,
+                        "response": row["response"],
+                        "score": score(row["response"], man.get("answer"), man.get("answers"), params.scoring),
+                        "found": bool(roi is not None and roi.found),
+                        "crop_boxes": row.get("crop_boxes", []),
+                        "n_crop_tokens": int(row.get("n_crop_tokens", 0)),
+                        "roi_precision": loc[0],
+                        "box_recall": loc[1],
+                        "iou": loc[2],
+                    }
+                )
+        bar.update(len(chunk))
+    bar.close()
+    table = pa.Table.from_pylist(out, schema=PREDICTION_COLUMNS)
+    return table, summarize(table, seconds)
+
+
+def summarize(predictions: pa.Table, seconds: dict[str, float]) -> dict:
+    """Per-method accuracy, localisation and throughput relative to the baseline."""
+    import polars as pl
+
+    df = pl.from_arrow(predictions)
+    metrics: dict = {}
+    for method in df["method"].unique(maintain_order=True).to_list():
+        d = df.filter(pl.col("method") == method)
+        m = {"accuracy": float(d["score"].mean()), "n": d.height}
+        if method != "baseline":
+            m["region_found"] = float(d["found"].mean())
+            for col in ("roi_precision", "box_recall", "iou"):
+                vals = d[col].fill_nan(None).drop_nulls()
+                m[col] = float(vals.mean()) if len(vals) else None
+        if seconds.get(method):
+            m["throughput_vs_baseline"] = seconds["baseline"] / seconds[method]
+        metrics[method] = m
+    return metrics

@@ -1,0 +1,66 @@
+"""evaluate: baseline vs SD-RPN two-stage inference (and the ablation ladder) on an evaluation manifest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import polars as pl
+
+from pipeline.contracts import read_parquet, write_parquet
+from pipeline.evaluate import EvalParams, evaluate_manifest
+from pipeline.models import adapter_options, load_adapter
+from pipeline.rpn import RPN
+from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
+
+
+def _named_dir(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise click.BadParameter(f"expected NAME=DIR, got {value!r}")
+    return name, Path(path)
+
+
+@click.command("evaluate")
+@click.argument("manifest_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("rpn_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("predictions_out", type=click.Path(path_type=Path))
+@click.option("--metrics", "metrics_out", type=click.Path(path_type=Path), required=True, help="metrics JSON")
+@click.option("--plots", "plots_out", type=click.Path(path_type=Path), required=True, help="per-method table (CSV)")
+@click.option("--ablation", "ablations", multiple=True, help="NAME=DIR: another RPN checkpoint to evaluate")
+@params_option
+@progress_option
+def evaluate(
+    manifest_path: Path,
+    rpn_dir: Path,
+    predictions_out: Path,
+    metrics_out: Path,
+    plots_out: Path,
+    ablations: tuple[str, ...],
+    params_path: Path,
+    progress: bool,
+) -> None:
+    """Answer MANIFEST_PATH with every method; write PREDICTIONS_OUT, --metrics and --plots."""
+    model = load_section(params_path, "model")
+    params = to_dataclass(EvalParams, load_section(params_path, "evaluate"), "evaluate")
+    manifest = read_parquet(manifest_path, "manifest")
+    adapter = load_adapter(
+        model["path"], model.get("device", "auto"), model.get("dtype", "auto"), **adapter_options(model)
+    )
+    rpns = {"sdrpn": RPN.load(adapter, rpn_dir).eval()}
+    for name, path in map(_named_dir, ablations):
+        rpns[name] = RPN.load(adapter, path).eval()
+    table, metrics = evaluate_manifest(adapter, manifest, rpns, params, progress=progress)
+    inputs = fingerprints(manifest_path, rpn_dir, *(p for _, p in map(_named_dir, ablations)))
+    inputs[model["path"]] = model_fingerprint(model["path"])
+    write_parquet(
+        table, predictions_out, "predictions", params={"model": model, "evaluate": asdict(params)}, inputs=inputs
+    )
+    for out in (metrics_out, plots_out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")
+    rows = [{"method": m, **{k: v for k, v in d.items() if k != "n"}} for m, d in metrics.items()]
+    pl.DataFrame(rows).write_csv(plots_out)
+    click.echo(json.dumps(metrics, indent=2))

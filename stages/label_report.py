@@ -1,0 +1,47 @@
+"""label-report: how well raw attention and the labels localise, where ground-truth boxes exist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import polars as pl
+
+from pipeline.attention_store import open_attention_store
+from pipeline.contracts import read_parquet
+from pipeline.label_presets import resolve_label_params
+from pipeline.label_report import gt_token_masks, label_quality
+from pipeline.models import adapter_options, load_adapter
+from stages.common import load_section, params_option
+
+
+@click.command("label-report")
+@click.argument("manifest_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("store_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("metrics_out", type=click.Path(path_type=Path))
+@click.argument("fig3_out", type=click.Path(path_type=Path))
+@params_option
+def label_report(manifest_path: Path, store_path: Path, metrics_out: Path, fig3_out: Path, params_path: Path) -> None:
+    """Write METRICS_OUT (JSON, DVC metrics) and FIG3_OUT (TSV, DVC plot) for samples with a GT box."""
+    params = resolve_label_params(load_section(params_path, "label"))
+    model = load_section(params_path, "model")
+    adapter = load_adapter(model["path"], weights=False, **adapter_options(model))  # geometry only
+    store = open_attention_store(store_path)
+    manifest = read_parquet(manifest_path, "manifest")
+    rows = {r["sample_id"]: r for r in manifest.to_pylist()}
+    missing = [s for s in store.sample_ids if s not in rows]
+    if missing:
+        raise click.ClickException(f"{store_path}: samples {missing[:5]} are not in {manifest_path}")
+    spans = []
+    for sid in store.sample_ids:
+        r = rows[sid]
+        box = (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"])
+        spans.append(None if None in box else adapter.grid_span(box, r["width"], r["height"]))
+    masks, has_gt = gt_token_masks(spans, store.grid, store.max_visual)
+    metrics, hist = label_quality(store, params, masks, has_gt)
+    for out in (metrics_out, fig3_out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")
+    pl.DataFrame(hist).write_csv(fig3_out, separator="\t")
+    click.echo(json.dumps(metrics, indent=2))

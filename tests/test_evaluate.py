@@ -1,0 +1,50 @@
+"""evaluate: every method answers every sample; no region means the baseline's answer; localisation by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.evaluate import EvalParams, _localisation, evaluate_manifest
+from pipeline.manifest import build_manifest, records_from_table
+from pipeline.roi import RoI
+from pipeline.rpn import RPN
+
+
+@pytest.fixture
+def manifest(records_jsonl):
+    table, _ = build_manifest(records_from_table(records_jsonl))
+    return table
+
+
+def test_every_method_answers_and_empty_regions_fall_back(adapter, manifest):
+    rpn = RPN.from_base(adapter, B=1, R=2).eval()
+    params = EvalParams(batch_size=4, max_new_tokens=3, raw_attention_layers=[1])
+    table, metrics = evaluate_manifest(adapter, manifest, {"sdrpn": rpn}, params, progress=False)
+    methods = ["baseline", "sdrpn_masked", "sdrpn_box", "raw_attention"]
+    assert sorted(metrics) == sorted(methods)
+    assert table.num_rows == manifest.num_rows * len(methods)
+    rows = table.to_pylist()
+    base = {r["sample_id"]: r["response"] for r in rows if r["method"] == "baseline"}
+    for r in rows:
+        if not r["found"]:
+            assert r["response"] == base[r["sample_id"]] and r["crop_boxes"] == []
+    for m in methods[1:]:
+        assert metrics[m]["throughput_vs_baseline"] > 0
+    # tau above every probability: no region anywhere, every answer is the baseline's
+    quiet = EvalParams(batch_size=4, max_new_tokens=3, raw_attention=False, modes=["masked"], roi={"tau": 1.0})
+    table, metrics = evaluate_manifest(adapter, manifest, {"sdrpn": rpn}, quiet, progress=False)
+    got = {r["sample_id"]: r["response"] for r in table.to_pylist() if r["method"] == "sdrpn_masked"}
+    assert got == base and metrics["sdrpn_masked"]["region_found"] == 0.0
+
+
+def test_localisation_by_hand(adapter):
+    # 64x64 image on a 4x4 grid (16 px tokens); GT box = token (1, 1) = pixels [16, 32)
+    man = {"box_x0": 16.0, "box_y0": 16.0, "box_x1": 32.0, "box_y1": 32.0, "width": 64, "height": 64}
+    mask = np.zeros((4, 4), bool)
+    mask[1, 1:3] = True  # two tokens, one inside the box
+    roi = RoI(smoothed=mask.astype(float), mask=mask, boxes=[(1, 1, 1, 2)], enclosing=(1, 1, 1, 2))
+    inside, recall, iou = _localisation(adapter, {"crop_boxes": [[16, 16, 48, 32]]}, roi, man)
+    assert inside == 0.5 and recall == 1.0 and iou == pytest.approx(256 / 512)
+    none = RoI(smoothed=mask * 0.0, mask=mask & False)
+    assert _localisation(adapter, {"crop_boxes": []}, none, man)[1:] == (0.0, 0.0)
