@@ -1,0 +1,72 @@
+"""A small Python API for one-off use: answer a question about an image with a trained RPN.
+
+    from pipeline.api import SDRPN
+    sd = SDRPN.from_pretrained("models/sdrpn-toy-llava", "artifacts/rpn")
+    ans = sd.answer("photo.png", "what is in the red box ?")
+    ans.text, ans.crop_boxes, ans.prob_map
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.evaluate import rpn_maps
+from pipeline.images import load_image
+from pipeline.models import load_adapter
+from pipeline.roi import RoIParams
+from pipeline.rpn import RPN
+from pipeline.two_stage import two_stage_batch
+
+
+@dataclass
+class Answer:
+    """What two-stage inference produced for one question."""
+
+    text: str
+    crop_boxes: list[list[int]]  # source pixels [x0, y0, x1, y1], far edge exclusive; [] = answered from the view
+    grid_boxes: list[list[int]]  # the RoI components on the visual grid, inclusive [y0, x0, y1, x1]
+    prob_map: np.ndarray  # the RPN's sigmoid map on the visual grid (grid_h, grid_w)
+    mask: np.ndarray  # the binarised, filtered RoI mask on the grid
+
+
+class SDRPN:
+    """A base model with its RPN; :meth:`answer` runs stage 1 (RoI map) and stage 2 (answer with crops)."""
+
+    def __init__(self, rpn: RPN, roi: RoIParams | None = None):
+        self.rpn = rpn.eval()
+        self.adapter = rpn.adapter
+        self.roi = roi or RoIParams()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        rpn_dir: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        roi: RoIParams | None = None,
+        **adapter_kwargs,
+    ) -> SDRPN:
+        """Load a local checkpoint directory and an RPN checkpoint made for it (refused otherwise)."""
+        adapter = load_adapter(model_dir, device, dtype, **adapter_kwargs)
+        return cls(RPN.load(adapter, rpn_dir), roi)
+
+    def answer_batch(
+        self, images: list[Image.Image | str], questions: list[str], max_new_tokens: int = 64
+    ) -> list[Answer]:
+        """Answer several questions (batched); images may be PIL images, paths or fsspec URLs."""
+        pil = [load_image(im) if isinstance(im, str | Path) else im.convert("RGB") for im in images]
+        maps = rpn_maps(self.rpn)(pil, questions)
+        rows, rois = two_stage_batch(self.adapter, pil, questions, maps, self.roi, max_new_tokens)
+        return [
+            Answer(r["response"], r["crop_boxes"], r["grid_boxes"], m, roi.mask)
+            for r, m, roi in zip(rows, maps, rois, strict=True)
+        ]
+
+    def answer(self, image: Image.Image | str, question: str, max_new_tokens: int = 64) -> Answer:
+        """Answer one question about one image."""
+        return self.answer_batch([image], [question], max_new_tokens)[0]
