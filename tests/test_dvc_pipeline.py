@@ -109,3 +109,21 @@ def test_label_code_change_reruns_only_label(project):
         fh.write("\n# edited\n")
     # labels.parquet comes out byte-identical, so train (which depends on the artifact, not the code) stays put
     assert sorted(_ran(_dvc(project, "repro"))) == ["label", "label_report"]
+
+
+def test_inspect_draws_every_panel_it_has_data_for(project):
+    _dvc(project, "repro")
+    train_id = pl.read_parquet(project / "artifacts/labels.parquet")["sample_id"][0]
+    eval_id = pl.read_parquet(project / "artifacts/eval/manifest.parquet")["sample_id"][0]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run(["sdrpn", "inspect", train_id, eval_id], cwd=project, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    from PIL import Image
+
+    from pipeline.inspect_view import PANEL
+
+    # train samples: image, raw attention, sinks, labels, RPN map; eval samples: image and RPN map only
+    assert Image.open(project / f"artifacts/inspect/{train_id}.png").width == 5 * PANEL
+    assert Image.open(project / f"artifacts/inspect/{eval_id}.png").width == 2 * PANEL
+    res = subprocess.run(["sdrpn", "inspect", "nope"], cwd=project, env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "samples ['nope'] are in none of" in res.stderr

@@ -1,0 +1,112 @@
+"""inspect: PNGs of what the pipeline sees for chosen samples (maps, sinks, labels, RPN map, crops, answers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pipeline.attention_store import open_attention_store
+from pipeline.contracts import read_parquet
+from pipeline.decode import decode_batch
+from pipeline.evaluate import rpn_maps
+from pipeline.images import load_image
+from pipeline.inspect_view import SampleView, model_view, render
+from pipeline.label_presets import resolve_label_params
+from pipeline.labels import assign_labels
+from pipeline.models import adapter_options, load_adapter
+from pipeline.roi import RoIParams
+from pipeline.rpn import RPN
+from pipeline.two_stage import two_stage_batch
+from stages.common import load_section, params_option
+
+
+def _teacher_maps(store_path: Path, sample_id: str, params_path: Path) -> dict | None:
+    """Raw attention, sinks and labels of one sample, recomputed from the store exactly as `label` does."""
+    if not store_path.exists():
+        return None
+    store = open_attention_store(store_path)
+    where = np.flatnonzero(store.sample_ids == sample_id)
+    if not len(where):
+        return None
+    i = int(where[0])
+    block = store.read(i, i + 1)
+    out = assign_labels(
+        block.attention,
+        block.hidden_norm,
+        block.grid,
+        block.sample_ids,
+        resolve_label_params(load_section(params_path, "label")),
+        store_layers=store.layers,
+        store_heads=store.heads,
+        n_response=block.n_response,
+        return_maps=True,
+    )
+    h, w = (int(v) for v in block.grid[0])
+    return {
+        "raw_attention": np.asarray(out["raw_map"][0][: h * w], dtype=np.float64).reshape(h, w),
+        "sinks": out["sink"][0][: h * w].reshape(h, w),
+        "labels": out["labels"][0][: h * w].reshape(h, w),
+    }
+
+
+@click.command("inspect")
+@click.argument("sample_ids", nargs=-1, required=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default="artifacts/inspect", show_default=True)
+@click.option(
+    "--manifest",
+    "manifests",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    default=["artifacts/manifest.parquet", "artifacts/eval/manifest.parquet"],
+    show_default=True,
+)
+@click.option(
+    "--store", "store_path", type=click.Path(path_type=Path), default="artifacts/attention.zarr", show_default=True
+)
+@click.option("--rpn", "rpn_dir", type=click.Path(path_type=Path), default="artifacts/rpn", show_default=True)
+@params_option
+def inspect(
+    sample_ids: tuple[str, ...],
+    out_dir: Path,
+    manifests: tuple[Path, ...],
+    store_path: Path,
+    rpn_dir: Path,
+    params_path: Path,
+) -> None:
+    """Write OUT_DIR/SAMPLE_ID.png for each sample: image + GT box + crops, raw attention, sinks, labels, RPN map."""
+    rows = {}
+    for m in manifests:
+        if m.exists():
+            rows.update({r["sample_id"]: r for r in read_parquet(m, "manifest").to_pylist()})
+    missing = [s for s in sample_ids if s not in rows]
+    if missing:
+        raise click.ClickException(f"samples {missing} are in none of {list(map(str, manifests))}")
+    model = load_section(params_path, "model")
+    evaluate = load_section(params_path, "evaluate")
+    adapter = load_adapter(
+        model["path"], model.get("device", "auto"), model.get("dtype", "auto"), **adapter_options(model)
+    )
+    rpn = RPN.load(adapter, rpn_dir).eval() if rpn_dir.exists() else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    max_new = int(evaluate.get("max_new_tokens", 16))
+    for sid in sample_ids:
+        r = rows[sid]
+        image = load_image(r["image"], sid)
+        box = (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"])
+        view = SampleView(sid, image, r["question"], r.get("answer"), None if None in box else box)
+        view.answers["baseline"] = decode_batch(adapter, [image], [r["question"]], max_new)[0]["response"]
+        if rpn is not None:
+            maps = rpn_maps(rpn)([image], [r["question"]])
+            roi = RoIParams(**{**(evaluate.get("roi") or {}), "mode": "masked"})
+            rows2, _ = two_stage_batch(adapter, [image], [r["question"]], maps, roi, max_new)
+            view.rpn_map, view.crop_boxes = maps[0], rows2[0]["crop_boxes"]
+            view.answers["SD-RPN (masked)"] = rows2[0]["response"]
+        for key, value in (_teacher_maps(store_path, sid, params_path) or {}).items():
+            setattr(view, key, value)
+        ip = adapter.processor.image_processor
+        pixels = adapter.build_batch([image], [adapter.render_prompt(r["question"])]).inputs["pixel_values"][0]
+        picture = render(view, model_view(pixels.float().cpu(), ip.image_mean, ip.image_std))
+        picture.save(out_dir / f"{sid}.png")
+        click.echo(f"inspect: {out_dir / f'{sid}.png'}")
