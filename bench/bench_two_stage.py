@@ -1,0 +1,183 @@
+"""Benchmark two-stage RoI inference against the baseline, measured in one run on the same model and batch.
+
+Prints:
+  stage 1 (frozen B layers + RPN, up to the last prompt token) vs a full SDPA prefill   (target <= 0.6x)
+  two-stage throughput (stage 1 + stage 2 with a masked crop) vs the baseline          (target >= 0.7x; paper 0.62x)
+  Qwen presets: the dump (truncated forward + captured rows) vs a full SDPA prefill, at 576 or 4096 visual tokens
+
+    python bench/bench_two_stage.py --preset embedded                       # CPU, the embedded default's shape
+    python bench/bench_two_stage.py --preset llava7b --device cuda          # LLaVA-1.5-7B shape, bf16, B=15 R=3
+    python bench/bench_two_stage.py --preset qwen7b --visual 4096 --device cuda   # Qwen2.5-VL-7B shape, B=16 R=3
+
+Weights are random (no download); every answer is forced to the same length so both sides do equal work.
+The stage-2 crop is a fixed 4x4-token region per image (a typical RoI), so the timing does not depend on
+what an untrained RPN happens to predict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.attention_capture import capture_attention
+from pipeline.decode import decode_batch
+from pipeline.models import wrap_model
+from pipeline.models.toy import ToyLlavaSizes, build_toy_llava
+from pipeline.roi import RoIParams
+from pipeline.rpn import RPN
+from pipeline.two_stage import two_stage_batch
+
+WORDS = [f"w{i}" for i in range(64)] + ["what", "is", "in", "the", "red", "box", "?"]
+LLAVA7B = ToyLlavaSizes(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=1024,
+    vision_layers=24,
+    vision_heads=16,
+    text_hidden=4096,
+    text_layers=32,
+    text_heads=32,
+    text_intermediate=11008,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+)
+EMBEDDED = ToyLlavaSizes(
+    image_size=224,
+    patch_size=16,
+    vision_hidden=128,
+    vision_layers=4,
+    vision_heads=4,
+    text_hidden=256,
+    text_layers=8,
+    text_heads=8,
+    text_intermediate=768,
+)
+PRESETS = {
+    "embedded": dict(family="llava", sizes=EMBEDDED, B=4, R=3, batch=16, new_tokens=8, dump_layer=4),
+    "llava7b": dict(family="llava", sizes=LLAVA7B, B=15, R=3, batch=32, new_tokens=16, dump_layer=14),
+    "qwen7b": dict(family="qwen", B=16, R=3, batch=8, new_tokens=16, dump_layer=16),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build(preset: dict, device: torch.device, dtype: torch.dtype, visual: int):
+    """A random-weight model of the preset's shape, wrapped in its adapter."""
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if preset["family"] == "llava":
+                model, processor = build_toy_llava(WORDS, preset["sizes"])
+                kwargs = {}
+            else:
+                from pipeline.models.toy_qwen import build_toy_qwen, qwen25_vl_sizes
+
+                model, processor = build_toy_qwen(WORDS, qwen25_vl_sizes("7b"))
+                side = int(round((visual**0.5) * 28))  # fixed resolution: (side / 28)^2 merged tokens
+                kwargs = {"resolution": {"mode": "fixed", "size": side}}
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.set_attn_implementation("sdpa")
+    return wrap_model(model, processor, "bench", **kwargs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--visual", type=int, default=576, help="Qwen: visual tokens per image (576 or 4096)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bsz = args.batch or preset["batch"]
+    adapter = build(preset, device, dtype, args.visual)
+    model = adapter.model
+    model.generation_config.min_new_tokens = preset["new_tokens"]  # equal work on both sides
+    rpn = RPN.from_base(adapter, preset["B"], preset["R"]).to(device).eval()
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)) for _ in range(bsz)]
+    questions = ["what is in the red box ?"] * bsz
+    prompts = [adapter.render_prompt(q) for q in questions]
+    batch = adapter.build_batch(images, prompts).to(device)
+    h, w = batch.grids[0]
+    print(
+        f"preset {args.preset} on {device} ({dtype}), batch {bsz}, prompt {batch.inputs['input_ids'].shape[1]} "
+        f"tokens, {h}x{w} visual grid, B={preset['B']} R={preset['R']}"
+    )
+
+    def stage1():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            rpn(batch)
+
+    def prefill():
+        with torch.no_grad():
+            model(**adapter.forward_inputs(batch), use_cache=False)
+
+    t_stage1, t_prefill = timeit(stage1, device, args.repeats), timeit(prefill, device, args.repeats)
+    print(f"stage 1 (B + RPN)        {t_stage1 * 1e3:9.1f} ms/batch")
+    print(f"full SDPA prefill        {t_prefill * 1e3:9.1f} ms/batch")
+    print(f"RATIO stage-1 latency vs full prefill: {t_stage1 / t_prefill:.2f}x  (target <= 0.6x)")
+
+    if preset["family"] == "qwen":
+        responses = [list(rng.integers(10, 60, preset["new_tokens"])) for _ in range(bsz)]
+        rbatch = adapter.build_batch(images, prompts, responses).to(device)
+        t_dump = timeit(lambda: capture_attention(adapter, rbatch, [preset["dump_layer"]]), device, args.repeats)
+
+        def full():
+            with torch.no_grad():
+                model(**adapter.forward_inputs(rbatch), use_cache=False)
+
+        t_full = timeit(full, device, args.repeats)
+        print(f"dump                     {t_dump * 1e3:9.1f} ms/batch")
+        print(f"full SDPA prefill (+ans) {t_full * 1e3:9.1f} ms/batch")
+        print(f"RATIO dump vs full SDPA prefill: {t_full / t_dump:.2f}x  (target >= 1.5x)")
+        return
+
+    roi_map = np.zeros((h, w))
+    roi_map[h // 3 : h // 3 + 4, w // 3 : w // 3 + 4] = 0.9  # a 4x4-token region (masked upscaling)
+    maps = [roi_map] * bsz
+    new = preset["new_tokens"]
+
+    def baseline():
+        decode_batch(adapter, images, questions, new)
+
+    def stage2():
+        two_stage_batch(adapter, images, questions, maps, RoIParams(mode="masked"), new)
+
+    t_base, t_stage2 = timeit(baseline, device, args.repeats), timeit(stage2, device, args.repeats)
+    t_two = t_stage1 + t_stage2
+    print(f"baseline (original view) {t_base * 1e3:9.1f} ms/batch ({new} new tokens)")
+    print(
+        f"two-stage                {t_two * 1e3:9.1f} ms/batch (stage 1 {t_stage1 * 1e3:.1f} + stage 2 "
+        f"{t_stage2 * 1e3:.1f})"
+    )
+    print(f"RATIO two-stage throughput vs baseline: {t_base / t_two:.2f}x  (target >= 0.7x; paper 0.62x)")
+
+
+if __name__ == "__main__":
+    main()
