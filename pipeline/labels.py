@@ -50,6 +50,7 @@ class LabelParams:
     strict: bool = False  # reference code: fg a > tau_fg*a_max, bg a < tau_bg*a_max
     max_box_frac: float | None = None  # reference 0.5: drop the sample when the fg box covers >= this
     min_a_max: float | None = None  # Qwen reference 5e-3: drop the sample when a_max < this
+    soft_targets: bool = False  # also write a / a_max per token (ablation: an RPN regressing the map, no assignment)
 
     def __post_init__(self) -> None:
         if self.sink_method not in SINK_METHODS:
@@ -264,10 +265,17 @@ def assign_labels(
         code[np.asarray(n_response) == 0] = NO_RESPONSE
 
     i32 = np.int32
-    maps = {}
+    if params.soft_targets:
+        denom = np.where(zero, 1.0, a_max.astype(np.float64))[:, None]
+        soft = np.where(zero[:, None], 0.0, a / denom).astype(np.float32)
+        if real is not None:
+            soft = np.where(real, soft, np.float32(0))
+        if uniform and v0 < v:
+            soft = np.pad(soft, ((0, 0), (0, v - v0)))
+    maps = {"soft_target": soft} if params.soft_targets else {}
     if return_maps:
         no_sink = np.zeros(a.shape, dtype=bool)
-        maps = {"raw_map": raw_map, "map": a, "sink": no_sink if sink is None else sink}
+        maps |= {"raw_map": raw_map, "map": a, "sink": no_sink if sink is None else sink}
     return maps | {
         "labels": labels,
         "grid_h": gh.astype(i32),
@@ -347,13 +355,7 @@ def labels_table(out: dict[str, np.ndarray], sample_ids: np.ndarray) -> pa.Table
     """Arrow table for the labels contract, built from flat numpy buffers."""
     gh, gw = out["grid_h"], out["grid_w"]
     nv = gh.astype(np.int64) * gw
-    lab = out["labels"]
-    if len(nv) and (nv == nv[0]).all():
-        labels = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(lab[:, : nv[0]]).ravel()), int(nv[0]))
-    else:
-        flat = lab[np.arange(lab.shape[1]) < nv[:, None]]  # row-major: each row's real tokens, in order
-        offsets = np.concatenate([[0], np.cumsum(nv)]).astype(np.int32)
-        labels = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int8()))
+    labels = _per_token(out["labels"], nv)
     cols: dict[str, pa.Array] = {
         "sample_id": pa.array(np.asarray(sample_ids, dtype=object), type=pa.string()),
         "grid_h": pa.array(gh),
@@ -369,7 +371,18 @@ def labels_table(out: dict[str, np.ndarray], sample_ids: np.ndarray) -> pa.Table
     cols["sink_tau"] = pa.array(tau, mask=np.isnan(tau))
     cols["kept"] = pa.array(out["kept"])
     cols["skip_reason"] = pa.array(list(SKIP_REASONS), type=pa.string()).take(pa.array(out["skip_code"]))
+    if "soft_target" in out:
+        cols["soft_target"] = _per_token(out["soft_target"], nv)
     return pa.table(cols)
+
+
+def _per_token(values: np.ndarray, nv: np.ndarray) -> pa.Array:
+    """(n, V) per-token values as a fixed-size list column when every grid matches, else trimmed lists."""
+    if len(nv) and (nv == nv[0]).all():
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values[:, : nv[0]]).ravel()), int(nv[0]))
+    flat = values[np.arange(values.shape[1]) < nv[:, None]]  # row-major: each row's real tokens, in order
+    offsets = np.concatenate([[0], np.cumsum(nv)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def label_store(

@@ -313,3 +313,20 @@ def masked_bce(
     if normalizer is None:
         return total / keep.sum().clamp(min=1)
     return total / normalizer
+
+
+def masked_mse(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squared error of sigmoid(logits) against soft targets in [0, 1] (the paper's "RPN regressing raw attention"
+    ablation), over tokens whose target is not -1 (and ``valid``); normalised like :func:`masked_bce`."""
+    keep = targets != -1
+    if valid is not None:
+        keep = keep & valid
+    total = ((torch.sigmoid(logits[keep].float()) - targets[keep].float()) ** 2).sum()
+    if normalizer is None:
+        return total / keep.sum().clamp(min=1)
+    return total / normalizer

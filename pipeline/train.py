@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.images import load_images
 from pipeline.models.base import Batch, ModelAdapter
-from pipeline.rpn import RPN, masked_bce
+from pipeline.rpn import RPN, masked_bce, masked_mse
 
 STATE_NAME = "state.pt"
 PLOT_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm")
@@ -53,6 +53,7 @@ class TrainParams:
     seed: int = 42
     save_every: int = 50  # steps between resumable training states
     log_every: int = 10  # steps between log lines (every step is recorded)
+    objective: str = "bce"  # bce on tri-state labels (SD-RPN); mse on soft_target (ablation: no label assignment)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # YAML gives a list
@@ -62,6 +63,8 @@ class TrainParams:
             raise ValueError("global_batch, micro_batch, epochs and save_every must be >= 1")
         if not 0 <= self.holdout_frac < 1 or not 0 <= self.warmup_frac < 1:
             raise ValueError("holdout_frac and warmup_frac must lie in [0, 1)")
+        if self.objective not in ("bce", "mse"):
+            raise ValueError(f"objective must be 'bce' or 'mse', got {self.objective!r}")
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
 
@@ -73,7 +76,7 @@ class Sample:
     sample_id: str
     image: str
     question: str
-    labels: np.ndarray  # int8 (grid_h * grid_w,) in {-1, 0, 1}
+    labels: np.ndarray  # (grid_h * grid_w,): int8 in {-1, 0, 1}, or float32 a / a_max targets (objective mse)
     grid: tuple[int, int]
 
     @property
@@ -81,21 +84,26 @@ class Sample:
         return int(np.count_nonzero(self.labels != -1))
 
 
-def label_arrays(labels: pa.Table) -> list[np.ndarray]:
-    """Each row's labels as an int8 array, checked against its grid_h * grid_w."""
-    col = labels.column("labels").combine_chunks()
+def label_arrays(labels: pa.Table, column: str = "labels") -> list[np.ndarray]:
+    """Each row's per-token values (``labels`` int8, or ``soft_target`` float32), checked against grid_h * grid_w."""
+    if column not in labels.column_names or labels.column(column).null_count == labels.num_rows:
+        raise ValueError(f"labels: no {column!r} column; set label.soft_targets for the mse objective")
+    col = labels.column(column).combine_chunks()
     sizes = labels.column("grid_h").to_numpy().astype(np.int64) * labels.column("grid_w").to_numpy()
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(lengths != sizes)
     if len(bad):
         ids = [labels.column("sample_id")[int(i)].as_py() for i in bad[:5]]
         raise ValueError(f"labels: label count != grid_h*grid_w for sample(s) {ids}")
-    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int8, copy=False)
+    dtype = np.int8 if column == "labels" else np.float32
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     return np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
 
 
-def join_samples(manifest: pa.Table, labels: pa.Table) -> tuple[list[Sample], int]:
+def join_samples(manifest: pa.Table, labels: pa.Table, soft: bool = False) -> tuple[list[Sample], int]:
     """Kept samples with their image and question from the manifest, and how many were not kept.
+
+    ``soft`` takes the per-token ``soft_target`` values instead of the tri-state labels (objective mse).
 
     A label whose sample is not in the manifest is an error naming it (the two come from different runs).
     """
@@ -114,7 +122,7 @@ def join_samples(manifest: pa.Table, labels: pa.Table) -> tuple[list[Sample], in
             "were labels and manifest made by different runs?"
         )
     kept = labels.column("kept").to_numpy(zero_copy_only=False)
-    arrays = label_arrays(labels)
+    arrays = label_arrays(labels, "soft_target" if soft else "labels")
     gh, gw = labels.column("grid_h").to_pylist(), labels.column("grid_w").to_pylist()
     samples = [
         Sample(ids[i], by_id[ids[i]][0], by_id[ids[i]][1], arrays[i], (gh[i], gw[i])) for i in np.flatnonzero(kept)
@@ -238,7 +246,8 @@ def make_micro(adapter: ModelAdapter, samples: list[Sample], idx: np.ndarray, we
     chosen = [samples[int(i)] for i in idx]
     images = load_images([s.image for s in chosen], [s.sample_id for s in chosen])
     batch = adapter.build_batch(images, [adapter.render_prompt(s.question) for s in chosen])
-    labels = torch.full(batch.visual_index.shape, -1, dtype=torch.int8)
+    dtype = torch.int8 if chosen and chosen[0].labels.dtype == np.int8 else torch.float32
+    labels = torch.full(batch.visual_index.shape, -1, dtype=dtype)
     for row, s in enumerate(chosen):
         h, w = batch.grids[row]
         if tuple(s.grid) != (h, w) or int(batch.visual_valid[row].sum()) != h * w:
@@ -359,6 +368,7 @@ def train_rpn(
     if info.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(rpn, device_ids=None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(params.bf16, device))
+    loss_fn = masked_bce if params.objective == "bce" else masked_mse
 
     n_per_step = [sum(samples[int(i)].n_labelled for i in plan.global_batch(s)) for s in range(total)]
     work = [(s, idx, w) for s in range(start, total) for idx, w in plan.micro_batches(s, info)]
@@ -384,7 +394,7 @@ def train_rpn(
             with nullcontext() if sync else model.no_sync():
                 with autocast:
                     logits = model(mb.batch)
-                s = masked_bce(logits, mb.labels, mb.batch.visual_valid, normalizer=1.0)
+                s = loss_fn(logits, mb.labels, mb.batch.visual_valid, normalizer=1.0)
                 # DDP averages gradients over ranks; the world factor turns that into the global-batch mean.
                 (s * (mb.weight * info.world / norm)).backward()
             loss_sum += s.detach() * mb.weight
@@ -459,7 +469,7 @@ def evaluate(
         fg, bg = (lab == 1) & valid, (lab == 0) & valid
         sums += torch.stack(
             [
-                masked_bce(logits, lab, valid, normalizer=1.0).double(),
+                (masked_bce if params.objective == "bce" else masked_mse)(logits, lab, valid, normalizer=1.0).double(),
                 (fg | bg).sum().double(),
                 (fg & (logits > 0)).sum().double(),
                 fg.sum().double(),

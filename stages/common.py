@@ -22,6 +22,24 @@ params_option = click.option(
     help="parameters file (DVC's params.yaml)",
 )
 progress_option = click.option("--progress/--no-progress", default=True, help="show a progress bar")
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="override one key of this stage's params section (VALUE is YAML), e.g. --set sink_method=none",
+)
+
+
+def apply_overrides(values: dict[str, Any], overrides: tuple[str, ...]) -> dict[str, Any]:
+    """``values`` with ``KEY=VALUE`` overrides applied (how dvc.yaml runs a stage's ablation variants)."""
+    out = dict(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(raw)
+    return out
 
 
 def load_section(params_path: Path, section: str) -> dict[str, Any]:

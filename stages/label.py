@@ -8,7 +8,7 @@ import click
 
 from pipeline.label_presets import resolve_label_params
 from pipeline.labels import label_store
-from stages.common import fingerprints, load_section, params_option, progress_option
+from stages.common import apply_overrides, fingerprints, load_section, params_option, progress_option, set_option
 
 
 @click.command("label")
@@ -16,10 +16,11 @@ from stages.common import fingerprints, load_section, params_option, progress_op
 @click.argument("labels_out", type=click.Path(path_type=Path))
 @params_option
 @progress_option
-def label(store_path: Path, labels_out: Path, params_path: Path, progress: bool) -> None:
+@set_option
+def label(store_path: Path, labels_out: Path, params_path: Path, progress: bool, overrides: tuple[str, ...]) -> None:
     """Write LABELS_OUT from the attention store STORE_PATH."""
     try:
-        params = resolve_label_params(load_section(params_path, "label"))
+        params = resolve_label_params(apply_overrides(load_section(params_path, "label"), overrides))
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(f"label: {exc}") from exc
     counts = label_store(store_path, params, labels_out, inputs=fingerprints(store_path), progress=progress)

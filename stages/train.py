@@ -18,7 +18,16 @@ from pipeline.contracts import read_parquet
 from pipeline.models import adapter_options, load_adapter
 from pipeline.resumable import job_key
 from pipeline.train import PLOT_COLUMNS, TrainParams, init_distributed, join_samples, params_dict, train_rpn
-from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
+from stages.common import (
+    apply_overrides,
+    fingerprints,
+    load_section,
+    model_fingerprint,
+    params_option,
+    progress_option,
+    set_option,
+    to_dataclass,
+)
 
 
 @click.command("train")
@@ -29,6 +38,7 @@ from stages.common import fingerprints, load_section, model_fingerprint, params_
 @click.option("--plots", "plots_out", type=click.Path(path_type=Path), required=True, help="per-step loss/lr CSV")
 @params_option
 @progress_option
+@set_option
 @click.option(
     "--work-dir",
     type=click.Path(path_type=Path),
@@ -44,12 +54,13 @@ def train(
     plots_out: Path,
     params_path: Path,
     progress: bool,
+    overrides: tuple[str, ...],
     work_dir: Path,
 ) -> None:
     """Write CKPT_OUT (RPN weights + rpn_config.json) trained on LABELS_PATH for the samples of MANIFEST_PATH."""
     model = load_section(params_path, "model")
     try:
-        params = to_dataclass(TrainParams, load_section(params_path, "train"), "train")
+        params = to_dataclass(TrainParams, apply_overrides(load_section(params_path, "train"), overrides), "train")
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(f"train: {exc}") from exc
     info = init_distributed()
@@ -58,7 +69,9 @@ def train(
         import torch
 
         device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    samples, n_skipped = join_samples(read_parquet(manifest_path, "manifest"), read_parquet(labels_path, "labels"))
+    samples, n_skipped = join_samples(
+        read_parquet(manifest_path, "manifest"), read_parquet(labels_path, "labels"), soft=params.objective == "mse"
+    )
     inputs = fingerprints(manifest_path, labels_path)
     inputs[model["path"]] = model_fingerprint(model["path"])
     state_dir = Path(work_dir) / f"train-{job_key(inputs=inputs, params=params_dict(params))}"

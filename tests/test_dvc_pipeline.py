@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import yaml
 
-from pipeline.contracts import read_parquet
+from pipeline.contracts import read_metadata, read_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = {
@@ -27,6 +27,10 @@ STAGES = {
     "label",
     "label_report",
     "train",
+    "label_nosink",
+    "label_noassign",
+    "train_nosink",
+    "train_noassign",
     "evaluate",
 }
 # every chain that must run in this order
@@ -82,8 +86,19 @@ def test_repro_runs_every_stage_then_nothing(project):
     quality = json.loads((project / "artifacts/metrics/label_quality.json").read_text())
     assert quality["n_samples_with_gt"] == 10
     evaluation = json.loads((project / "artifacts/metrics/evaluate.json").read_text())
-    assert set(evaluation) == {"baseline", "sdrpn_masked", "sdrpn_box", "raw_attention"}
-    assert read_parquet(project / "artifacts/eval/predictions.parquet", "predictions").num_rows == 4 * 4
+    methods = {
+        "baseline",
+        "sdrpn_masked",
+        "sdrpn_box",
+        "raw_attention",
+        "no_sink_removal_masked",
+        "no_label_assignment_masked",
+    }
+    assert set(evaluation) == methods
+    assert read_parquet(project / "artifacts/eval/predictions.parquet", "predictions").num_rows == 4 * len(methods)
+    soft = pl.read_parquet(project / "artifacts/ablation/labels_noassign.parquet")
+    assert soft["soft_target"].arr.max().max() == 1.0 and soft["n_sink"].sum() == 0
+    assert read_metadata(project / "artifacts/ablation/labels_nosink.parquet")["params"]["sink_method"] == "none"
     second = _dvc(project, "repro")
     assert _ran(second) == []
     assert "up to date" in _dvc(project, "status")
@@ -97,7 +112,16 @@ def test_label_threshold_change_reruns_label_and_what_follows(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _dvc(project, "repro")
     ran = _ran(out)
-    assert set(ran) == {"label", "label_report", "train", "evaluate"}
+    assert set(ran) == {
+        "label",
+        "label_report",
+        "train",
+        "label_nosink",
+        "label_noassign",
+        "train_nosink",
+        "train_noassign",
+        "evaluate",
+    }
     assert ran.index("label") < ran.index("train") < ran.index("evaluate")
     after = pl.read_parquet(project / "artifacts/labels.parquet")
     assert after["n_fg"].sum() <= before["n_fg"].sum()  # a higher fg threshold never adds fg tokens
@@ -108,7 +132,7 @@ def test_label_code_change_reruns_only_label(project):
     with open(project / "pipeline/labels.py", "a") as fh:
         fh.write("\n# edited\n")
     # labels.parquet comes out byte-identical, so train (which depends on the artifact, not the code) stays put
-    assert sorted(_ran(_dvc(project, "repro"))) == ["label", "label_report"]
+    assert sorted(_ran(_dvc(project, "repro"))) == ["label", "label_noassign", "label_nosink", "label_report"]
 
 
 def test_inspect_draws_every_panel_it_has_data_for(project):

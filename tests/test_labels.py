@@ -364,3 +364,18 @@ def test_empty_response_is_reported_as_such():
     )
     assert out["skip_reason"].tolist() == ["empty response: no answer tokens to attend from", None]
     assert out["kept"].tolist() == [False, True]
+
+
+def test_soft_targets_are_the_denoised_map_over_its_max():
+    rng = np.random.default_rng(3)
+    att = rng.random((3, 1, 9)).astype(np.float32)
+    att[2] = 0.0
+    norms = np.ones((3, 1, 9), dtype=np.float32)
+    norms[0, 0, 4] = 50.0  # a sink: zeroed before normalising
+    out = assign_labels(att, norms, np.full((3, 2), 3), ["a", "b", "c"], LabelParams(soft_targets=True))
+    a = att[:, 0].astype(np.float64).copy()
+    a[0, 4] = 0.0
+    expected = np.zeros_like(a)
+    expected[:2] = a[:2] / a[:2].max(axis=1, keepdims=True)
+    np.testing.assert_allclose(out["soft_target"], expected, rtol=1e-6)
+    assert "soft_target" not in assign_labels(att, norms, np.full((3, 2), 3), ["a", "b", "c"], LabelParams())

@@ -223,3 +223,15 @@ def test_qwen_rpn_reproduces_base_layer_scores():
     expected = torch.gather(rows, 2, batch.visual_index[:, None, :].expand(-1, rows.shape[1], -1)).mean(1)
     torch.testing.assert_close(logits[valid], expected[valid], rtol=1e-5, atol=1e-7)
     assert torch.all(logits[~valid] == torch.finfo(torch.float32).min)
+
+
+def test_masked_mse_ignores_unlabelled_tokens():
+    from pipeline.rpn import masked_mse
+
+    logits = torch.tensor([[0.0, 2.0, -1.0]], requires_grad=True)
+    targets = torch.tensor([[0.5, -1.0, 1.0]])
+    loss = masked_mse(logits, targets)
+    expected = ((torch.sigmoid(torch.tensor(0.0)) - 0.5) ** 2 + (torch.sigmoid(torch.tensor(-1.0)) - 1.0) ** 2) / 2
+    assert torch.isclose(loss, expected)
+    loss.backward()
+    assert logits.grad[0, 1] == 0.0 and logits.grad[0, 2] != 0.0
