@@ -13,75 +13,21 @@ Prints, measured in one run on the same model and batch:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 from PIL import Image
+from shapes import EMBEDDED, LLAVA7B, WORDS, timeit
 
 from pipeline.attention_capture import capture_attention
 from pipeline.decode import decode_batch
 from pipeline.models import wrap_model
-from pipeline.models.toy import ToyLlavaSizes, build_toy_llava
+from pipeline.models.toy import build_toy_llava
 
 PRESETS = {
-    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24x24 = 576 tokens) + Llama-2-7B (32 layers, 4096 hidden)
-    "llava7b": dict(
-        sizes=ToyLlavaSizes(
-            image_size=336,
-            patch_size=14,
-            vision_hidden=1024,
-            vision_layers=24,
-            vision_heads=16,
-            text_hidden=4096,
-            text_layers=32,
-            text_heads=32,
-            text_intermediate=11008,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-        ),
-        layers=[14],
-        batch=48,
-        new_tokens=16,
-    ),
-    # the embedded default's shape (models/sdrpn-toy-llava): 14x14 grid, 8-layer decoder
-    "embedded": dict(
-        sizes=ToyLlavaSizes(
-            image_size=224,
-            patch_size=16,
-            vision_hidden=128,
-            vision_layers=4,
-            vision_heads=4,
-            text_hidden=256,
-            text_layers=8,
-            text_heads=8,
-            text_intermediate=768,
-        ),
-        layers=[4],
-        batch=16,
-        new_tokens=8,
-    ),
+    "llava7b": dict(sizes=LLAVA7B, layers=[14], batch=48, new_tokens=16),
+    "embedded": dict(sizes=EMBEDDED, layers=[4], batch=16, new_tokens=8),
 }
-WORDS = [f"w{i}" for i in range(64)] + ["what", "is", "in", "the", "red", "box", "?"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -18,57 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from shapes import EMBEDDED, LLAVA7B, WORDS
 
 from pipeline.models import wrap_model
-from pipeline.models.toy import ToyLlavaSizes, build_toy_llava
+from pipeline.models.toy import build_toy_llava
 from pipeline.train import Sample, TrainParams, train_rpn
 
 PAPER_SAMPLES_PER_S = 152_000 / (2 * 3600)  # ~21: 152K samples in ~2 h on 4x A6000
 TARGET_SAMPLES_PER_S = 42.0  # one H100: 152K in under an hour
 
 PRESETS = {
-    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24x24 = 576 tokens) + Llama-2-7B (32 layers, 4096 hidden)
-    "llava7b": dict(
-        sizes=ToyLlavaSizes(
-            image_size=336,
-            patch_size=14,
-            vision_hidden=1024,
-            vision_layers=24,
-            vision_heads=16,
-            text_hidden=4096,
-            text_layers=32,
-            text_heads=32,
-            text_intermediate=11008,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-        ),
-        B=15,
-        R=3,
-        global_batch=128,
-        micro_batch=32,
-        steps=4,
-    ),
-    # the embedded default's shape (models/sdrpn-toy-llava): 14x14 grid, 8-layer decoder
-    "embedded": dict(
-        sizes=ToyLlavaSizes(
-            image_size=224,
-            patch_size=16,
-            vision_hidden=128,
-            vision_layers=4,
-            vision_heads=4,
-            text_hidden=256,
-            text_layers=8,
-            text_heads=8,
-            text_intermediate=768,
-        ),
-        B=4,
-        R=3,
-        global_batch=32,
-        micro_batch=16,
-        steps=4,
-    ),
+    "llava7b": dict(sizes=LLAVA7B, B=15, R=3, global_batch=128, micro_batch=32, steps=4),
+    "embedded": dict(sizes=EMBEDDED, B=4, R=3, global_batch=32, micro_batch=16, steps=4),
 }
-WORDS = [f"w{i}" for i in range(64)] + ["what", "is", "in", "the", "red", "box", "?"]
 QUESTION = "what is in the red box ? w1 w2 w3 w4 w5 w6 w7 w8"  # about a GQA question's length
 
 

@@ -17,69 +17,25 @@ what an untrained RPN happens to predict.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 from PIL import Image
+from shapes import EMBEDDED, LLAVA7B, WORDS, timeit
 
 from pipeline.attention_capture import capture_attention
 from pipeline.decode import decode_batch
 from pipeline.models import wrap_model
-from pipeline.models.toy import ToyLlavaSizes, build_toy_llava
+from pipeline.models.toy import build_toy_llava
 from pipeline.roi import RoIParams
 from pipeline.rpn import RPN
 from pipeline.two_stage import two_stage_batch
 
-WORDS = [f"w{i}" for i in range(64)] + ["what", "is", "in", "the", "red", "box", "?"]
-LLAVA7B = ToyLlavaSizes(
-    image_size=336,
-    patch_size=14,
-    vision_hidden=1024,
-    vision_layers=24,
-    vision_heads=16,
-    text_hidden=4096,
-    text_layers=32,
-    text_heads=32,
-    text_intermediate=11008,
-    vocab_size=32064,
-    max_position_embeddings=4096,
-)
-EMBEDDED = ToyLlavaSizes(
-    image_size=224,
-    patch_size=16,
-    vision_hidden=128,
-    vision_layers=4,
-    vision_heads=4,
-    text_hidden=256,
-    text_layers=8,
-    text_heads=8,
-    text_intermediate=768,
-)
 PRESETS = {
     "embedded": dict(family="llava", sizes=EMBEDDED, B=4, R=3, batch=16, new_tokens=8, dump_layer=4),
     "llava7b": dict(family="llava", sizes=LLAVA7B, B=15, R=3, batch=32, new_tokens=16, dump_layer=14),
     "qwen7b": dict(family="qwen", B=16, R=3, batch=8, new_tokens=16, dump_layer=16),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def build(preset: dict, device: torch.device, dtype: torch.dtype, visual: int):

@@ -1,0 +1,57 @@
+"""What the benchmark scripts share: real model shapes (random weights), a vocabulary, and a timer."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from pipeline.models.toy import ToyLlavaSizes
+
+# LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24x24 = 576 tokens) + Llama-2-7B (32 layers, 4096 hidden)
+LLAVA7B = ToyLlavaSizes(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=1024,
+    vision_layers=24,
+    vision_heads=16,
+    text_hidden=4096,
+    text_layers=32,
+    text_heads=32,
+    text_intermediate=11008,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+)
+# the embedded default's shape (models/sdrpn-toy-llava): 14x14 grid, 8-layer decoder
+EMBEDDED = ToyLlavaSizes(
+    image_size=224,
+    patch_size=16,
+    vision_hidden=128,
+    vision_layers=4,
+    vision_heads=4,
+    text_hidden=256,
+    text_layers=8,
+    text_heads=8,
+    text_intermediate=768,
+)
+WORDS = [f"w{i}" for i in range(64)] + ["what", "is", "in", "the", "red", "box", "?"]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings mean something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
