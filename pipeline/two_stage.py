@@ -1,17 +1,22 @@
 """Stage 2 of SD-RPN inference: answer with the original view plus high-resolution crops (SPEC 3.4-3.5).
 
-Crops come from an RoI (:mod:`pipeline.roi`) on the first stage's probability map. Each crop is
-cut from the source image, resized straight to the model's base view by the model's own image
-processor, and encoded by the model's own ``get_image_features``. Its tokens go right after the
-original image's tokens: the prompt is rendered with ``1 + n_crops`` images (so the chat template
-puts the placeholders back to back) and each crop's placeholder run is as long as the number of
-tokens it keeps (all of them for box upscaling, those under the mask for masked upscaling). The
-embeddings are then built the way ``LlavaModel.forward`` builds them (embed the ids, masked-scatter
-the visual features) and decoded greedily from ``inputs_embeds``: no fork of transformers.
+Crops come from an RoI (:mod:`pipeline.roi`) on the first stage's probability map: one per component box
+(box upscaling) or one of the box enclosing them all with a keep-mask on the crop's own grid (masked
+upscaling). Everything family-specific happens behind the adapter (:meth:`ModelAdapter.stage2_inputs`): each
+crop is cut from the source image, encoded by the model's own image processor and vision tower like an
+ordinary second image, and its tokens go right after the original image's: the prompt is rendered with
+``1 + n_crops`` images, so the chat template puts each crop between its own delimiters, and each crop's
+placeholder run is as long as the number of tokens it keeps. The embeddings are built the way the model's
+forward builds them (embed the ids, masked-scatter the visual features) and decoded greedily from
+``inputs_embeds``, with explicit positions where the family needs them (Qwen2.5-VL's 3-D M-RoPE): no fork
+of transformers.
+
+- LLaVA (:class:`pipeline.models.llava.LlavaAdapter`): crops stretched to the base view, 1-D positions.
+- Qwen2.5-VL (:class:`pipeline.models.qwen2_5_vl.Qwen25VLAdapter`): crops at the configured resolution
+  (fixed size, or native within the pixel budget), positions as the model computes them for a second image.
 
 A sample without crops gets exactly the baseline prompt and inputs, so its answer is the one
-:func:`pipeline.decode.decode_batch` gives. Written for LLaVA-style adapters (one fixed grid per
-image, ``get_image_features`` returning one feature row per grid token).
+:func:`pipeline.decode.decode_batch` gives.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.models.base import ModelAdapter, left_pad
+from pipeline.models.base import ModelAdapter, Stage2Inputs
 from pipeline.roi import RoI, RoIParams, UpscaleMode, postprocess
 
 SourceBox = tuple[int, int, int, int]  # (x0, y0, x1, y1) source pixels, far edge exclusive
@@ -43,18 +48,6 @@ class Crop:
 
     def n_tokens(self, grid_hw: tuple[int, int]) -> int:
         return int(self.keep.sum()) if self.keep is not None else grid_hw[0] * grid_hw[1]
-
-
-@dataclass
-class Stage2Inputs:
-    """A left-padded stage-2 batch: ids with image placeholders, their embeddings with the visual features in."""
-
-    input_ids: torch.Tensor
-    inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor
-    prompts: list[str]
-    crops: list[list[Crop]]  # the crops actually used (those keeping at least one token)
-    n_crop_tokens: list[int]
 
 
 def masked_keep(
@@ -101,101 +94,41 @@ def crops_from_roi(roi: RoI, adapter: ModelAdapter, width: int, height: int, mod
     box = adapter.source_box(roi.enclosing, width, height)
     if box[2] <= box[0] or box[3] <= box[1]:
         return []
-    crop_grid = adapter.visual_grid(box[2] - box[0], box[3] - box[1])
-    keep = masked_keep(roi.mask, roi.enclosing, crop_grid, span=adapter.grid_span(box, width, height))
+    keep = masked_keep(roi.mask, roi.enclosing, crop_grid(adapter, box), span=adapter.grid_span(box, width, height))
     return [Crop(box, keep)] if keep.any() else []
 
 
-def _base_view(adapter: ModelAdapter) -> int:
-    return int(adapter.model.config.vision_config.image_size)
+def crop_grid(adapter: ModelAdapter, box: SourceBox) -> tuple[int, int]:
+    """The visual grid a crop is encoded on: the model's grid for an image of the crop's own size.
 
-
-def crop_pixels(adapter: ModelAdapter, images: list[Image.Image], boxes: list[SourceBox]) -> torch.Tensor:
-    """Pixel values of crops, each resized straight to the base view by the model's image processor.
-
-    Same resampling and normalisation as the original view, but no pad and no centre crop: the crop
-    fills the whole grid, so crop token (i, j) sits at (i, j) of the crop's box. For a square crop
-    of a padding processor this is exactly what the processor makes of the crop on its own.
+    LLaVA: its one fixed grid (the crop is stretched to the base view). Qwen2.5-VL: the fixed grid, or in native
+    mode the crop's own size within the pixel budget (a non-square crop gets a non-square grid).
     """
-    ip = adapter.processor.image_processor
-    side = _base_view(adapter)
-    kwargs = {"size": {"height": side, "width": side}, "do_center_crop": False}
-    if hasattr(ip, "do_pad"):
-        kwargs["do_pad"] = False
-    cut = [im.crop(b) for im, b in zip(images, boxes, strict=True)]
-    return ip(cut, return_tensors="pt", **kwargs)["pixel_values"]
-
-
-@torch.no_grad()
-def image_features(adapter: ModelAdapter, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    """The model's own visual tokens, (T, D) per image, in grid row-major order."""
-    model = adapter.model
-    out = model.get_image_features(pixel_values=pixel_values.to(adapter.device, model.dtype))
-    feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    return list(feats)
-
-
-def _expand_placeholders(adapter: ModelAdapter, prompt: str, counts: list[int]) -> list[int]:
-    """Token ids of ``prompt`` with its k-th image placeholder repeated ``counts[k]`` times.
-
-    The same string expansion the processor does before tokenising, so a crop keeping all its
-    tokens yields exactly the processor's ids for the same prompt with two images.
-    """
-    tok = adapter.processor.image_token
-    parts = prompt.split(tok)
-    if len(parts) != len(counts) + 1:
-        raise ValueError(f"prompt has {len(parts) - 1} image placeholders, expected {len(counts)}")
-    text = parts[0] + "".join(tok * n + part for n, part in zip(counts, parts[1:], strict=True))
-    return list(adapter.tokenizer(text)["input_ids"])
+    return adapter.visual_grid(box[2] - box[0], box[3] - box[1])
 
 
 @torch.no_grad()
 def build_stage2_inputs(
     adapter: ModelAdapter, images: list[Image.Image], questions: list[str], crops: list[list[Crop]]
 ) -> Stage2Inputs:
-    """Left-padded ids, attention mask and ``inputs_embeds`` with the original and the kept crop tokens in."""
+    """Left-padded ids, attention mask and ``inputs_embeds`` (plus positions where the family needs them).
+
+    Crops keeping no token are dropped here; the rest go to the adapter, which encodes them with the model's
+    own vision tower and lays out the sequence (:meth:`ModelAdapter.stage2_inputs`).
+    """
     if not (len(images) == len(questions) == len(crops)):
         raise ValueError("images, questions and crops must have one entry per sample")
-    side = _base_view(adapter)
-    grid = adapter.visual_grid(side, side)
-    n_full = grid[0] * grid[1]
-    used = [[c for c in cs if c.n_tokens(grid) > 0] for cs in crops]
-    for cs in used:
+    used: list[list[Crop]] = []
+    for cs in crops:
+        kept = []
         for c in cs:
-            if c.keep is not None and c.keep.shape != grid:
+            grid = crop_grid(adapter, c.box)
+            if c.keep is not None and tuple(c.keep.shape) != tuple(grid):
                 raise ValueError(f"crop keep-mask has shape {c.keep.shape}, the crop grid is {grid}")
-
-    # One vision forward for every original view and crop of the batch.
-    ip = adapter.processor.image_processor
-    pixels = [ip(images, return_tensors="pt")["pixel_values"]]
-    crop_images = [im for im, cs in zip(images, used, strict=True) for _ in cs]
-    if crop_images:
-        pixels.append(crop_pixels(adapter, crop_images, [c.box for cs in used for c in cs]))
-    feats = image_features(adapter, torch.cat(pixels))
-    orig_feats, crop_feats = feats[: len(images)], iter(feats[len(images) :])
-
-    prompts, rows, seq_feats, n_crop_tokens = [], [], [], []
-    for i, (q, cs) in enumerate(zip(questions, used, strict=True)):
-        prompt = adapter.render_prompt(q, n_images=1 + len(cs))
-        counts = [n_full] + [c.n_tokens(grid) for c in cs]
-        prompts.append(prompt)
-        rows.append(_expand_placeholders(adapter, prompt, counts))
-        seq_feats.append(orig_feats[i])
-        for c in cs:
-            f = next(crop_feats)
-            seq_feats.append(f if c.keep is None else f[torch.from_numpy(c.keep.reshape(-1)).to(f.device)])
-        n_crop_tokens.append(sum(counts[1:]))
-
-    ids, mask = left_pad(rows, adapter.pad_token_id)
-    ids, mask = ids.to(adapter.device), mask.to(adapter.device)
-    embeds = adapter.model.get_input_embeddings()(ids)
-    slots = (ids == adapter.model.config.image_token_id) & mask.bool()
-    visual = torch.cat(seq_feats).to(embeds.device, embeds.dtype)
-    if int(slots.sum()) != visual.shape[0]:
-        raise RuntimeError(f"{int(slots.sum())} image placeholders for {visual.shape[0]} visual tokens")
-    # Row-major over (batch, sequence), exactly as LlavaModel.forward scatters its image features.
-    embeds = embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds), visual)
-    return Stage2Inputs(ids, embeds, mask, prompts, used, n_crop_tokens)
+            if c.n_tokens(grid) > 0:
+                kept.append(c)
+        used.append(kept)
+    return adapter.stage2_inputs(images, questions, used)
 
 
 def _response_row(adapter: ModelAdapter, prompt: str, toks: list[int]) -> dict:
@@ -222,15 +155,15 @@ def generate_with_crops(
     """Greedy answers from the original view plus each sample's crops (none: the baseline answer)."""
     inputs = build_stage2_inputs(adapter, images, questions, crops)
     out = adapter.model.generate(
-        inputs_embeds=inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask,
+        **inputs.model_inputs(),
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
         pad_token_id=adapter.pad_token_id,
         eos_token_id=adapter.eos_token_ids,
     )
-    # From inputs_embeds alone, generate() returns only the new tokens.
+    # From inputs_embeds alone, generate() returns only the new tokens. Explicit positions (Qwen's M-RoPE) are
+    # continued by generate() from each row's last position: what the model's own rope deltas give.
     rows = []
     for prompt, toks, cs, n in zip(inputs.prompts, out.tolist(), inputs.crops, inputs.n_crop_tokens, strict=True):
         row = _response_row(adapter, prompt, toks)

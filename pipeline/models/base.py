@@ -2,17 +2,23 @@
 
 Every stage talks to a model through a :class:`ModelAdapter`: render the chat prompt, build
 left-padded batched inputs (optionally with response tokens appended), locate the visual tokens
-and their grid, and reach decoder layer ``i``. Adding a model family means one subclass.
+and their grid, reach decoder layer ``i``, and build the stage-2 inputs of two-stage inference
+(:meth:`ModelAdapter.stage2_inputs`). Adding a model family means one subclass.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
+
+if TYPE_CHECKING:  # pipeline.two_stage imports this module
+    from pipeline.two_stage import Crop
 
 
 @dataclass
@@ -38,6 +44,35 @@ class Batch:
         self.response_len = self.response_len.to(device)
         self.prompt_len = self.prompt_len.to(device)
         return self
+
+
+@dataclass
+class Stage2Inputs:
+    """A left-padded stage-2 batch (SPEC 3.5): ids with image placeholders, embeddings with the visual features in.
+
+    ``position_ids`` is None where generate() derives the model's positions from the padding mask (LLaVA's 1-D
+    positions); families with their own position scheme (Qwen2.5-VL's 3-D M-RoPE) give them explicitly, and
+    generate() then continues each row from its last position. ``mm_token_type_ids`` (1 on image tokens) and
+    ``image_grid_thw`` (every image of the batch, in sequence order) describe the sequence for families that
+    have them; with explicit positions the model itself needs neither.
+    """
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    prompts: list[str]
+    crops: list[list[Crop]]  # the crops actually used (those keeping at least one token)
+    n_crop_tokens: list[int]
+    position_ids: torch.Tensor | None = None
+    mm_token_type_ids: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``model(...)`` and ``model.generate(...)``."""
+        out = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        return out
 
 
 class ModelAdapter(ABC):
@@ -118,6 +153,33 @@ class ModelAdapter(ABC):
         ``position_embeddings`` is the (cos, sin) pair the decoder passes its attention modules,
         already sliced to the S positions of ``x``.
         """
+
+    def stage2_inputs(
+        self, images: list[Image.Image], questions: list[str], crops: Sequence[Sequence[Crop]]
+    ) -> Stage2Inputs:
+        """Stage-2 inputs: each image's original view, then its crops' kept tokens, then the question.
+
+        ``crops`` holds, per sample, crops that keep at least one token, with keep-masks (if any) on the crop's
+        grid ``visual_grid(box width, box height)``. A sample without crops gets exactly its baseline prompt.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement two-stage inference")
+
+    def embed_with_visual(
+        self, rows: list[list[int]], features: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-pad ``rows`` and embed them with ``features`` (T_k, D), in order, in the image placeholders.
+
+        Returns (ids, attention mask, inputs_embeds) on the model's device. Features fill the placeholders
+        row-major over (batch, sequence), exactly as the models' own forward scatters image features.
+        """
+        ids, mask = left_pad(rows, self.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        slots = (ids == int(self.model.config.image_token_id)) & mask.bool()
+        visual = torch.cat(features).to(embeds.device, embeds.dtype)
+        if int(slots.sum()) != visual.shape[0]:
+            raise RuntimeError(f"{int(slots.sum())} image placeholders for {visual.shape[0]} visual tokens")
+        return ids, mask, embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds), visual)
 
     def forward_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``model(...)`` that reproduce generate()'s positions for this batch."""

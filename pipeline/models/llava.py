@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from PIL import Image
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from pipeline.models.base import Batch, ModelAdapter, left_pad
+from pipeline.models.base import Batch, ModelAdapter, Stage2Inputs, left_pad
 from pipeline.models.geometry import ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
+
+if TYPE_CHECKING:
+    from pipeline.two_stage import Crop
 
 
 class LlavaAdapter(ModelAdapter):
@@ -93,6 +99,80 @@ class LlavaAdapter(ModelAdapter):
             response_len=torch.tensor([len(r) for r in responses], dtype=torch.long),
             prompt_len=torch.tensor([len(p) for p in prompt_rows], dtype=torch.long),
         )
+
+    # --- two-stage inference ------------------------------------------------------------------------
+    @property
+    def base_view(self) -> int:
+        """Side in pixels of the square view every image is fitted to."""
+        return int(self.model.config.vision_config.image_size)
+
+    def crop_pixels(self, images: list[Image.Image], boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        """Pixel values of crops, each resized straight to the base view by the model's image processor.
+
+        Same resampling and normalisation as the original view, but no pad and no centre crop: the crop
+        fills the whole grid, so crop token (i, j) sits at (i, j) of the crop's box. For a square crop
+        of a padding processor this is exactly what the processor makes of the crop on its own.
+        """
+        ip = self.processor.image_processor
+        side = self.base_view
+        kwargs = {"size": {"height": side, "width": side}, "do_center_crop": False}
+        if hasattr(ip, "do_pad"):
+            kwargs["do_pad"] = False
+        cut = [im.crop(b) for im, b in zip(images, boxes, strict=True)]
+        return ip(cut, return_tensors="pt", **kwargs)["pixel_values"]
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The model's own visual tokens, (T, D) per image, in grid row-major order."""
+        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.model.dtype))
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return list(feats)
+
+    def expand_placeholders(self, prompt: str, counts: list[int]) -> list[int]:
+        """Token ids of ``prompt`` with its k-th image placeholder repeated ``counts[k]`` times.
+
+        The same string expansion the processor does before tokenising, so a crop keeping all its
+        tokens yields exactly the processor's ids for the same prompt with two images.
+        """
+        tok = self.processor.image_token
+        parts = prompt.split(tok)
+        if len(parts) != len(counts) + 1:
+            raise ValueError(f"prompt has {len(parts) - 1} image placeholders, expected {len(counts)}")
+        text = parts[0] + "".join(tok * n + part for n, part in zip(counts, parts[1:], strict=True))
+        return list(self.tokenizer(text)["input_ids"])
+
+    @torch.no_grad()
+    def stage2_inputs(
+        self, images: list[Image.Image], questions: list[str], crops: Sequence[Sequence[Crop]]
+    ) -> Stage2Inputs:
+        """Original views, then each crop stretched to the base view (its kept tokens only), then the question.
+
+        LLaVA's positions are 1-D, so generate() derives them from the padding mask (``position_ids`` None).
+        """
+        grid = self.grid_shape
+        n_full = grid[0] * grid[1]
+        used = [list(cs) for cs in crops]
+        # One vision forward for every original view and crop of the batch.
+        pixels = [self.processor.image_processor(images, return_tensors="pt")["pixel_values"]]
+        crop_images = [im for im, cs in zip(images, used, strict=True) for _ in cs]
+        if crop_images:
+            pixels.append(self.crop_pixels(crop_images, [c.box for cs in used for c in cs]))
+        feats = self.image_features(torch.cat(pixels))
+        orig_feats, crop_feats = feats[: len(images)], iter(feats[len(images) :])
+
+        prompts, rows, seq_feats, n_crop_tokens = [], [], [], []
+        for i, (q, cs) in enumerate(zip(questions, used, strict=True)):
+            prompt = self.render_prompt(q, n_images=1 + len(cs))
+            counts = [n_full] + [c.n_tokens(grid) for c in cs]
+            prompts.append(prompt)
+            rows.append(self.expand_placeholders(prompt, counts))
+            seq_feats.append(orig_feats[i])
+            for c in cs:
+                f = next(crop_feats)
+                seq_feats.append(f if c.keep is None else f[torch.from_numpy(c.keep.reshape(-1)).to(f.device)])
+            n_crop_tokens.append(sum(counts[1:]))
+        ids, mask, embeds = self.embed_with_visual(rows, seq_feats)
+        return Stage2Inputs(ids, embeds, mask, prompts, used, n_crop_tokens)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

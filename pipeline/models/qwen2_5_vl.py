@@ -9,23 +9,32 @@ otherwise silently falls back to plain 1-D positions.
 Two grid modes (``resolution``): ``{"mode": "fixed", "size": 672}`` resizes every image to
 size x size (the paper's training setting: 24x24 merged tokens); ``{"mode": "native", "min_pixels": ..,
 "max_pixels": ..}`` keeps the aspect ratio within a pixel budget, so each sample has its own grid.
+
+Two-stage inference (:meth:`Qwen25VLAdapter.stage2_inputs`) puts each crop after the original view as a
+further image at the same resolution, with the M-RoPE positions the model gives a second image (masked
+upscaling keeps the kept tokens' positions from the full crop grid).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from pipeline.models.base import Batch, ModelAdapter, left_pad
+from pipeline.models.base import Batch, ModelAdapter, Stage2Inputs, left_pad
 from pipeline.models.geometry import ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
+
+if TYPE_CHECKING:
+    from pipeline.two_stage import Crop
 
 RESOLUTION_MODES = ("native", "fixed")
 
@@ -245,6 +254,110 @@ class Qwen25VLAdapter(ModelAdapter):
             response_len=torch.tensor([len(r) for r in responses], dtype=torch.long),
             prompt_len=torch.tensor([len(r) - len(s) for r, s in zip(rows, responses, strict=True)], dtype=torch.long),
         )
+
+    # --- two-stage inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def stage2_inputs(
+        self, images: list[Image.Image], questions: list[str], crops: Sequence[Sequence[Crop]]
+    ) -> Stage2Inputs:
+        """Each original view, then its crops as further images (kept tokens only), then the question.
+
+        A crop is cut from the source image and encoded exactly like an image of its own: the same image
+        processor at the configured resolution (fixed: resized to the fixed size; native: its own size within
+        the pixel budget) and the same vision tower, in one forward with the original views. The chat template
+        puts it between its own ``<|vision_start|>`` / ``<|vision_end|>``; its ``<|image_pad|>`` run is as long
+        as the tokens it keeps.
+
+        Positions (3-D M-RoPE): the model's own ``get_rope_index`` is run on the sequence with every crop token
+        present (so a crop gets exactly the positions of a second image, and the text after it continues from
+        the crop's start + max(grid_h, grid_w)); masked upscaling then drops the positions of the dropped tokens
+        with the tokens. Kept tokens keep the grid row / column they have in the crop, nothing after them moves,
+        and with every token kept this is the model's own computation for the same prompt with two images.
+        ``image_grid_thw`` and ``mm_token_type_ids`` describe every image of the batch (informative: the model
+        gets the positions themselves, and generate() continues each row from its last position, which is what
+        the model's rope deltas would give).
+        """
+        used = [list(cs) for cs in crops]
+        cuts = [im.crop(c.box) for im, cs in zip(images, used, strict=True) for c in cs]
+        encs = [self.encode_images(images)] + ([self.encode_images(cuts)] if cuts else [])
+        thw = torch.cat([e["image_grid_thw"] for e in encs])
+        pixel_values = torch.cat([e["pixel_values"] for e in encs]).to(self.device)
+        feats = self.model.get_image_features(pixel_values=pixel_values, image_grid_thw=thw.to(self.device))
+        feats = list(feats.pooler_output)  # (t*h*w / merge^2, D) per image, row-major over its merged grid
+        n = len(images)
+        crop_thw, crop_feats = iter(thw[n:].tolist()), iter(feats[n:])
+
+        tok = self.tokenizer
+        rows, types, positions, seq_feats, prompts, n_crop_tokens, sample_thw = [], [], [], [], [], [], []
+        for i, (q, cs) in enumerate(zip(questions, used, strict=True)):
+            prompt = self.render_prompt(q, n_images=1 + len(cs))
+            row_thw = [thw[i].tolist()] + [next(crop_thw) for _ in cs]  # (t, h, w) in patches, per image
+            keeps: list[np.ndarray | None] = [None]
+            seq_feats.append(feats[i])
+            n_crop = 0
+            for c, (_, h, w) in zip(cs, row_thw[1:], strict=True):
+                grid = (h // self.merge, w // self.merge)
+                if grid != tuple(self.visual_grid(c.box[2] - c.box[0], c.box[3] - c.box[1])):
+                    raise RuntimeError(f"crop {c.box} encoded on a {grid} grid, visual_grid says otherwise")
+                if c.keep is not None and tuple(c.keep.shape) != grid:
+                    raise ValueError(f"crop keep-mask has shape {c.keep.shape}, the crop grid is {grid}")
+                f = next(crop_feats)
+                keep = None if c.keep is None else np.asarray(c.keep, dtype=bool).reshape(-1)
+                keeps.append(keep)
+                seq_feats.append(f if keep is None else f[torch.from_numpy(keep).to(f.device)])
+                n_crop += c.n_tokens(grid)
+            ids, typ, kept = self._expand_full(tok(prompt, add_special_tokens=False)["input_ids"], row_thw, keeps)
+            full_pos, _ = self.model.model.get_rope_index(
+                torch.tensor([ids]), mm_token_type_ids=torch.tensor([typ]), image_grid_thw=torch.tensor(row_thw)
+            )
+            sel = torch.tensor(kept)
+            rows.append(torch.tensor(ids)[sel].tolist())
+            types.append(torch.tensor(typ)[sel].tolist())
+            positions.append(full_pos[:, 0, sel])
+            prompts.append(prompt)
+            n_crop_tokens.append(n_crop)
+            sample_thw.extend(row_thw)
+
+        ids, mask, embeds = self.embed_with_visual(rows, seq_feats)
+        mm_types, _ = left_pad(types, 0)
+        pos = torch.zeros((3, *ids.shape), dtype=torch.long)
+        for i, p in enumerate(positions):
+            pos[:, i, ids.shape[1] - p.shape[1] :] = p  # left padding gets 0, as get_rope_index gives it
+        return Stage2Inputs(
+            input_ids=ids,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            prompts=prompts,
+            crops=used,
+            n_crop_tokens=n_crop_tokens,
+            position_ids=pos.to(ids.device),
+            mm_token_type_ids=mm_types.to(ids.device),
+            image_grid_thw=torch.tensor(sample_thw, dtype=torch.long),
+        )
+
+    def _expand_full(
+        self, prompt_ids: list[int], thw: list[list[int]], keeps: list[np.ndarray | None]
+    ) -> tuple[list[int], list[int], list[bool]]:
+        """Expand the k-th ``<|image_pad|>`` to image k's full run; returns (ids, mm types, token kept?)."""
+        pad = self.image_token_id
+        if prompt_ids.count(pad) != len(thw):
+            raise ValueError(f"prompt has {prompt_ids.count(pad)} <|image_pad|> placeholders, expected {len(thw)}")
+        ids: list[int] = []
+        typ: list[int] = []
+        kept: list[bool] = []
+        k = 0
+        for t in prompt_ids:
+            if t != pad:
+                ids.append(t)
+                typ.append(0)
+                kept.append(True)
+                continue
+            n_tok = thw[k][0] * thw[k][1] * thw[k][2] // self.merge**2
+            ids.extend([pad] * n_tok)
+            typ.extend([1] * n_tok)
+            kept.extend([True] * n_tok if keeps[k] is None else keeps[k].tolist())
+            k += 1
+        return ids, typ, kept
 
     # --- positions ------------------------------------------------------------------------------------
     def position_ids(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
