@@ -58,16 +58,21 @@ class ToyLlavaSizes:
     vocab_size: int | None = None  # None = the tokenizer's size; benchmarks set a real model's vocabulary
 
 
-def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A case-sensitive word-level fast tokenizer over ``words`` plus the chat and special tokens."""
+def word_level_tokenizer(words: list[str]) -> Tokenizer:
+    """A case-sensitive word-level ``tokenizers`` model over ``words`` (in order, duplicates dropped)."""
     vocab: dict[str, int] = {}
-    for w in SPECIAL_TOKENS + BASE_WORDS + list(words):
+    for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return tok
+
+
+def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A case-sensitive word-level fast tokenizer over ``words`` plus the chat and special tokens."""
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=word_level_tokenizer(SPECIAL_TOKENS + BASE_WORDS + list(words)),
         unk_token="<unk>",
         pad_token="<pad>",
         bos_token="<s>",

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -21,6 +20,7 @@ from transformers import (
 )
 
 from pipeline.models.qwen2_5_vl import QwenVLProcessor
+from pipeline.models.toy import word_level_tokenizer
 
 # The order of Qwen2.5-VL's own vocabulary (151643 = <|endoftext|>, ...); ids differ in the toy.
 SPECIAL_TOKENS = [
@@ -102,14 +102,8 @@ def qwen25_vl_sizes(variant: str = "7b") -> ToyQwenSizes:
 
 def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A case-sensitive word-level fast tokenizer over ``words`` with Qwen's special tokens and chat template."""
-    vocab: dict[str, int] = {}
-    for w in SPECIAL_TOKENS + BASE_WORDS + list(words):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=word_level_tokenizer(SPECIAL_TOKENS + BASE_WORDS + list(words)),
         unk_token="<unk>",
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
