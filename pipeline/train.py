@@ -470,7 +470,7 @@ def evaluate(
         sums += torch.stack(
             [
                 (masked_bce if params.objective == "bce" else masked_mse)(logits, lab, valid, normalizer=1.0).double(),
-                (fg | bg).sum().double(),
+                ((lab != -1) & valid).sum().double(),  # labelled tokens (all real tokens for soft targets)
                 (fg & (logits > 0)).sum().double(),
                 fg.sum().double(),
                 (bg & (logits <= 0)).sum().double(),
