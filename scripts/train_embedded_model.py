@@ -1,0 +1,616 @@
+"""Train the embedded default model (a small LLaVA) on the synthetic world, from a seed.
+
+Data are generated in-process with a process pool into ``.npy`` memory maps (the base view and
+one training crop per image, already resized to the model's 224 px view, plus the frames'
+colours, glyphs and token-cell boxes), then moved to the device once; a step only indexes them.
+
+Each step mixes two kinds of sample:
+* base view only, ``--turns`` QA turns about different frames of one image;
+* base view + a high-resolution crop of the named frame (random margin and jitter) as a second
+  image, one QA turn.
+Loss is on the answer tokens (glyph and ``</s>``). Training-only extras, never saved: a
+per-token auxiliary head on the projector output (glyph and frame colour of every token cell),
+and optionally a "point" loss that asks ``--point-heads`` heads of decoder layer
+``--point-layer`` to put the answer position's attention on the named frame's tokens.
+
+The saved directory is a plain ``LlavaForConditionalGeneration`` + processor (fp32 safetensors).
+
+    python scripts/train_embedded_model.py --out models/sdrpn-toy-llava --time-budget 380
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+try:  # older transformers (the GPU machine's) lack the PIL image processor; the processor is only saved, not used
+    from transformers import LlavaImageProcessorPil  # noqa: F401
+except ImportError:  # pragma: no cover
+    import transformers
+
+    transformers.LlavaImageProcessorPil = transformers.LlavaImageProcessor
+
+
+def _load_toy():
+    """``pipeline/models/toy.py`` on its own: the ``pipeline.models`` package imports the whole adapter stack."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "pipeline" / "models" / "toy.py"
+    spec = importlib.util.spec_from_file_location("sdrpn_toy", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+_toy = _load_toy()
+ToyLlavaSizes, build_toy_llava, save_toy_llava = _toy.ToyLlavaSizes, _toy.build_toy_llava, _toy.save_toy_llava
+from pipeline.world import GLYPHS, WorldParams, WorldSample, crop_box, generate_sample, world_vocabulary  # noqa: E402
+
+SIZES = ToyLlavaSizes(
+    image_size=224,
+    patch_size=16,
+    vision_hidden=128,
+    vision_layers=4,
+    vision_heads=4,
+    text_hidden=192,
+    text_layers=8,
+    text_heads=6,
+    text_intermediate=384,
+    max_position_embeddings=1024,
+)
+MAX_FRAMES = 8  # named frames stored per image (WorldParams.max_frames must not exceed it)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+N_DISTRACTOR_COLOUR = 1  # colour label of grey distractor frames = len(colours) + 1
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- views and labels
+
+
+def to_view(img: Image.Image, size: int) -> np.ndarray:
+    """What the LLaVA processor feeds the model, as uint8 HWC: pad to square (CLIP mean colour), bicubic resize."""
+    w, h = img.size
+    if w != h:
+        side = max(w, h)
+        fill = tuple(int(m * 255) for m in CLIP_MEAN)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = canvas
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+
+
+def view_cell_centres(view: tuple[int, int, int, int], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source-pixel centres (x, y) of the grid cells of a view of the source rectangle ``view``."""
+    x0, y0, x1, y1 = view
+    w, h = x1 - x0, y1 - y0
+    side = max(w, h)
+    centres = (np.arange(grid) + 0.5) * side / grid
+    xs = x0 - (side - w) // 2 + centres
+    ys = y0 - (side - h) // 2 + centres
+    return xs, ys
+
+
+def cell_labels(sample: WorldSample, view: tuple[int, int, int, int], grid: int, colours: tuple[str, ...]):
+    """Per-cell (glyph class, colour class) labels of one view: glyph 0 = none, colour 0 = none."""
+    xs, ys = view_cell_centres(view, grid)
+    glyph = np.zeros((grid, grid), np.int16)
+    colour = np.zeros((grid, grid), np.int16)
+    for f in sample.frames:
+        bx0, by0, bx1, by1 = f.box
+        inside = ((ys >= by0) & (ys < by1))[:, None] & ((xs >= bx0) & (xs < bx1))[None, :]
+        colour[inside] = colours.index(f.colour) + 1 if f.colour else len(colours) + N_DISTRACTOR_COLOUR
+    for g, gb in [(f.glyph, f.glyph_box) for f in sample.frames] + list(sample.stray):
+        cx, cy = (gb[0] + gb[2]) / 2, (gb[1] + gb[3]) / 2
+        c = int(np.argmin(np.abs(xs - cx)))
+        r = int(np.argmin(np.abs(ys - cy)))
+        if abs(xs[c] - cx) < (xs[1] - xs[0]) / 2 and abs(ys[r] - cy) < (ys[1] - ys[0]) / 2:
+            glyph[r, c] = GLYPHS.index(g) + 1
+    return glyph.reshape(-1), colour.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- data generation
+
+_ARRAYS = {
+    "base": ("uint8", (SIZES.image_size, SIZES.image_size, 3)),
+    "crop": ("uint8", (SIZES.image_size, SIZES.image_size, 3)),
+    "n_named": ("int16", ()),
+    "frame_colour": ("int16", (MAX_FRAMES,)),  # index into params.colours, -1 = none
+    "frame_glyph": ("int16", (MAX_FRAMES,)),  # index into GLYPHS
+    "frame_cells": ("int16", (MAX_FRAMES, 4)),  # r0, c0, r1, c1 (exclusive) on the token grid
+    "target": ("int16", ()),  # frame shown in the crop
+    "base_glyph": ("int16", (196,)),
+    "base_colour": ("int16", (196,)),
+    "crop_glyph": ("int16", (196,)),
+    "crop_colour": ("int16", (196,)),
+}
+_worker: dict = {}
+
+
+def _init_worker(cache: str) -> None:
+    torch.set_num_threads(1)
+    _worker["arrays"] = {k: np.load(Path(cache) / f"{k}.npy", mmap_mode="r+") for k in _ARRAYS}
+
+
+def _fill(job: tuple[int, int, int, dict, float, float, int]) -> int:
+    """Generate images [start, stop) of world ``seed`` into rows offset + [start, stop) of the cache."""
+    start, stop, seed, params_d, margin, jitter, offset = job
+    params = WorldParams(**params_d)
+    a = _worker["arrays"]
+    grid = params.grid
+    for j in range(start, stop):
+        i = offset + j
+        s = generate_sample(params, seed, j)
+        a["base"][i] = to_view(s.image, SIZES.image_size)
+        named = [f for f in s.frames if f.colour is not None]
+        a["n_named"][i] = len(named)
+        a["frame_colour"][i] = -1
+        for k, f in enumerate(named):
+            a["frame_colour"][i, k] = params.colours.index(f.colour)
+            a["frame_glyph"][i, k] = GLYPHS.index(f.glyph)
+            x0, y0, x1, y1 = f.box
+            cell = params.cell
+            a["frame_cells"][i, k] = (y0 // cell, x0 // cell, -(-y1 // cell), -(-x1 // cell))
+        t = [f.colour for f in named].index(s.colour)
+        a["target"][i] = t
+        rng = np.random.default_rng([seed, j, 1])
+        cb = crop_box(s.box, margin, rng, s.image.size, jitter)
+        a["crop"][i] = to_view(s.image.crop(cb), SIZES.image_size)
+        a["base_glyph"][i], a["base_colour"][i] = cell_labels(s, (0, 0, *s.image.size), grid, params.colours)
+        a["crop_glyph"][i], a["crop_colour"][i] = cell_labels(s, cb, grid, params.colours)
+    return stop - start
+
+
+def generate_data(cache: Path, parts: list[tuple[int, WorldParams, int]], workers: int, margin: float, jitter: float):
+    """Fill ``cache`` with the concatenation of ``parts`` = [(seed, params, n), ...]; returns the arrays."""
+    n = sum(p[2] for p in parts)
+    cache.mkdir(parents=True, exist_ok=True)
+    for k, (dtype, shape) in _ARRAYS.items():
+        np.lib.format.open_memmap(cache / f"{k}.npy", mode="w+", dtype=dtype, shape=(n, *shape)).flush()
+    jobs, offset = [], 0
+    for seed, params, count in parts:
+        if params.max_frames > MAX_FRAMES:
+            raise ValueError(f"max_frames {params.max_frames} > {MAX_FRAMES}")
+        chunk = 64
+        for s in range(0, count, chunk):
+            # each part is its own world seed; image indices restart at 0 inside it
+            jobs.append((s, min(count, s + chunk), seed, asdict(params), margin, jitter, offset))
+        offset += count
+    t0 = time.time()
+    ctx = get_context("fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(cache),)) as pool:
+        done = 0
+        for k in pool.imap_unordered(_fill, jobs):
+            done += k
+    log(f"generated {n} images in {time.time() - t0:.1f}s with {workers} workers")
+    (cache / "meta.json").write_text(
+        json.dumps({"parts": [[s, asdict(p), c] for s, p, c in parts], "margin": margin, "jitter": jitter})
+    )
+
+
+def load_data(cache: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Move the cache's arrays to ``device`` (images stay uint8)."""
+    out = {}
+    for k in _ARRAYS:
+        arr = np.load(cache / f"{k}.npy", mmap_mode="r")
+        t = torch.empty(arr.shape, dtype=torch.uint8 if arr.dtype == np.uint8 else torch.long, device=device)
+        step = 4096
+        for s in range(0, arr.shape[0], step):
+            t[s : s + step] = torch.from_numpy(np.array(arr[s : s + step])).to(device, t.dtype)
+        out[k] = t
+    return out
+
+
+# ----------------------------------------------------------------------------- token templates
+
+
+class Templates:
+    """Fixed token layouts of the training sequences, checked against the processor's chat template."""
+
+    def __init__(self, processor, params: WorldParams, turns: int):
+        tok = processor.tokenizer
+        self.tok = tok
+        self.vocab = tok.get_vocab()
+        self.image_id = self.vocab["<image>"]
+        self.eos_id = tok.eos_token_id
+        self.colour_ids = torch.tensor([self.vocab[c] for c in params.colours])
+        self.glyph_ids = torch.tensor([self.vocab[g] for g in GLYPHS])
+        n_img = (SIZES.image_size // SIZES.patch_size) ** 2
+        self.n_img = n_img
+        self.base, self.base_col, self.base_ans = self._layout(1, turns, n_img)
+        self.crop, self.crop_col, self.crop_ans = self._layout(2, 1, n_img)
+        self._check(processor, params)
+
+    def _ids(self, words: list[str]) -> list[int]:
+        return [self.vocab[w] for w in words]
+
+    def _layout(self, n_images: int, turns: int, n_img: int):
+        ids = self._ids(["USER", ":"]) + [self.image_id] * (n_img * n_images)
+        col, ans = [], []
+        for k in range(turns):
+            if k:
+                ids += self._ids(["USER", ":"])
+            q = ["what", "is", "in", "the", "red", "box", "?", "ASSISTANT", ":"]
+            col.append(len(ids) + 4)
+            ids += self._ids(q)
+            ans.append(len(ids))
+            ids += [self.glyph_ids[0].item(), self.eos_id]
+        return torch.tensor(ids), torch.tensor(col), torch.tensor(ans)
+
+    def _check(self, processor, params: WorldParams) -> None:
+        """The layouts must equal the processor's own rendering + tokenisation."""
+        for n_images, layout, ans in ((1, self.base, self.base_ans), (2, self.crop, self.crop_ans)):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": "what is in the red box ?"}]
+            messages = [{"role": "user", "content": content}]
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = text.replace("<image>", "<image>" * self.n_img)
+            ids = self.tok(text, add_special_tokens=True)["input_ids"]
+            first = layout[: int(ans[0])].tolist()
+            if ids != first:
+                raise RuntimeError(f"template mismatch:\n{ids}\n{first}")
+
+
+# ----------------------------------------------------------------------------- attention of answer rows
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def answer_attention(layer, rotary, hidden_in: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities [B, heads, len(rows), L] of query ``rows`` at ``layer`` (causal, no padding).
+
+    ``hidden_in`` is the layer's input (the residual stream before its input norm).
+    """
+    B, L, _ = hidden_in.shape
+    attn = layer.self_attn
+    hd = attn.head_dim
+    h = layer.input_layernorm(hidden_in)
+    q = attn.q_proj(h[:, rows]).view(B, len(rows), -1, hd).transpose(1, 2)
+    k = attn.k_proj(h).view(B, L, -1, hd).transpose(1, 2)
+    pos = torch.arange(L, device=hidden_in.device)[None]
+    cos, sin = rotary(hidden_in, pos)
+    cos, sin = cos[:, None], sin[:, None]
+    q = rotate(q, cos[:, :, rows], sin[:, :, rows])
+    k = rotate(k, cos, sin)
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+    mask = torch.arange(L, device=hidden_in.device)[None, :] > rows[:, None]
+    scores = scores.masked_fill(mask[None, None], float("-inf"))
+    return scores.softmax(-1)
+
+
+def box_masks(cells: torch.Tensor, grid: int) -> torch.Tensor:
+    """[..., 4] (r0, c0, r1, c1) cell boxes -> [..., grid*grid] bool masks."""
+    r = torch.arange(grid, device=cells.device)
+    rin = (r >= cells[..., 0:1]) & (r < cells[..., 2:3])
+    cin = (r >= cells[..., 1:2]) & (r < cells[..., 3:4])
+    return (rin[..., :, None] & cin[..., None, :]).flatten(-2)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Trainer:
+    def __init__(self, args, model, processor, params: WorldParams, data: dict, device: torch.device):
+        self.args, self.model, self.params, self.data, self.device = args, model, params, data, device
+        self.tpl = Templates(processor, params, args.turns)
+        for name in ("base", "base_col", "base_ans", "crop", "crop_col", "crop_ans", "colour_ids", "glyph_ids"):
+            setattr(self.tpl, name, getattr(self.tpl, name).to(device))
+        hidden = model.config.text_config.hidden_size
+        self.aux = nn.Linear(hidden, len(GLYPHS) + 1 + len(params.colours) + 2).to(device)
+        self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+        lm = model.model.language_model
+        self.layers, self.rotary = lm.layers, lm.rotary_emb
+        self._proj_out: torch.Tensor | None = None
+        self._layer_in: torch.Tensor | None = None
+        model.model.multi_modal_projector.register_forward_hook(self._grab_proj)
+        if args.point_weight > 0:
+            self.layers[args.point_layer].register_forward_pre_hook(self._grab_layer_in, with_kwargs=True)
+        self.grid = params.grid
+
+    def _grab_proj(self, module, inputs, output):
+        self._proj_out = output
+
+    def _grab_layer_in(self, module, args, kwargs):
+        self._layer_in = args[0] if args else kwargs["hidden_states"]
+
+    def pixels(self, u8: torch.Tensor) -> torch.Tensor:
+        return ((u8.permute(0, 3, 1, 2).float() / 255.0) - self.mean) / self.std
+
+    def base_batch(self, idx: torch.Tensor, turns: int):
+        d, tpl = self.data, self.tpl
+        B = len(idx)
+        n_named = d["n_named"][idx]
+        keys = torch.rand(B, MAX_FRAMES, device=self.device)
+        keys[torch.arange(MAX_FRAMES, device=self.device)[None] >= n_named[:, None]] = 2.0
+        order = keys.argsort(-1)
+        pick = order.gather(1, torch.arange(turns, device=self.device)[None].expand(B, -1) % n_named[:, None])
+        ids = tpl.base[None].repeat(B, 1)
+        colour = d["frame_colour"][idx].gather(1, pick)
+        glyph = d["frame_glyph"][idx].gather(1, pick)
+        ids[:, tpl.base_col] = tpl.colour_ids[colour]
+        ids[:, tpl.base_ans] = tpl.glyph_ids[glyph]
+        cells = d["frame_cells"][idx].gather(1, pick[..., None].expand(-1, -1, 4))
+        return ids, self.pixels(d["base"][idx]), glyph, cells
+
+    def crop_batch(self, idx: torch.Tensor):
+        d, tpl = self.data, self.tpl
+        B = len(idx)
+        t = d["target"][idx][:, None]
+        ids = tpl.crop[None].repeat(B, 1)
+        colour = d["frame_colour"][idx].gather(1, t)
+        glyph = d["frame_glyph"][idx].gather(1, t)
+        ids[:, tpl.crop_col] = tpl.colour_ids[colour]
+        ids[:, tpl.crop_ans] = tpl.glyph_ids[glyph]
+        pix = torch.stack([d["base"][idx], d["crop"][idx]], 1).flatten(0, 1)  # base_0, crop_0, base_1, ...
+        cells = d["frame_cells"][idx].gather(1, t[..., None].expand(-1, -1, 4))
+        return ids, self.pixels(pix), glyph, cells
+
+    def answer_loss(self, logits: torch.Tensor, ans_pos: torch.Tensor, glyph: torch.Tensor):
+        """CE of the glyph token (predicted at ans_pos - 1) and of </s> (at ans_pos); accuracy of the glyph."""
+        lg = logits[:, ans_pos - 1].float()
+        target = self.tpl.glyph_ids[glyph]
+        loss = F.cross_entropy(lg.flatten(0, 1), target.flatten())
+        eos = logits[:, ans_pos].float().flatten(0, 1)
+        loss = loss + 0.1 * F.cross_entropy(eos, torch.full_like(target.flatten(), self.tpl.eos_id))
+        acc = (lg.argmax(-1) == target).float().mean()
+        return loss, acc
+
+    def aux_loss(self, glyph_lab: torch.Tensor, colour_lab: torch.Tensor) -> torch.Tensor:
+        out = self.aux(self._proj_out.float())  # [n_img, 196, C]
+        ng = len(GLYPHS) + 1
+        lg = F.cross_entropy(out[..., :ng].flatten(0, 1), glyph_lab.flatten())
+        lc = F.cross_entropy(out[..., ng:].flatten(0, 1), colour_lab.flatten())
+        return lg + lc
+
+    def point_loss(self, ans_pos: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """-log(attention mass on the named frame's tokens) of the answer rows, for the chosen heads."""
+        a = self.args
+        att = answer_attention(self.layers[a.point_layer], self.rotary, self._layer_in, ans_pos - 1)
+        img = att[:, : a.point_heads, :, 2 : 2 + self.tpl.n_img]  # [B, h, K, 196] (base image tokens)
+        mask = box_masks(cells, self.grid).float()  # [B, K, 196]
+        mass = (img * mask[:, None]).sum(-1)
+        return -(mass + 1e-6).log().mean()
+
+    def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        a, d = self.args, self.data
+        n = d["n_named"].shape[0]
+        pool = self.easy_idx if step < a.curriculum_steps else None
+        idx = self._sample(pool, n, a.batch)
+        ids, pix, glyph, cells = self.base_batch(idx, a.turns)
+        logits = self.model(input_ids=ids, pixel_values=pix).logits
+        loss_b, acc_b = self.answer_loss(logits, self.tpl.base_ans, glyph)
+        aux_b = self.aux_loss(d["base_glyph"][idx], d["base_colour"][idx])
+        pt = self.point_loss(self.tpl.base_ans, cells) if a.point_weight > 0 else torch.zeros((), device=self.device)
+        idx_c = self._sample(pool, n, a.crop_batch)
+        ids, pix, glyph, cells_c = self.crop_batch(idx_c)
+        logits = self.model(input_ids=ids, pixel_values=pix).logits
+        loss_c, acc_c = self.answer_loss(logits, self.tpl.crop_ans, glyph)
+        gl = torch.stack([d["base_glyph"][idx_c], d["crop_glyph"][idx_c]], 1).flatten(0, 1)
+        cl = torch.stack([d["base_colour"][idx_c], d["crop_colour"][idx_c]], 1).flatten(0, 1)
+        aux_c = self.aux_loss(gl, cl)
+        if a.point_weight > 0:
+            pt = pt + self.point_loss(self.tpl.crop_ans, cells_c)
+        total = a.base_weight * loss_b + loss_c + a.aux_weight * (aux_b + aux_c) + a.point_weight * pt
+        stats = {"base": loss_b, "crop": loss_c, "acc_b": acc_b, "acc_c": acc_c, "aux": aux_b + aux_c, "point": pt}
+        return total, stats
+
+    def _sample(self, pool: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
+        if pool is None:
+            return torch.randint(0, n, (k,), device=self.device)
+        return pool[torch.randint(0, len(pool), (k,), device=self.device)]
+
+    @torch.no_grad()
+    def evaluate(self, held: dict[str, torch.Tensor], batch: int = 128) -> dict:
+        """Held-out: base-only and crop accuracy (one turn), and per-layer argmax-in-box of the answer row."""
+        model, tpl = self.model, self.tpl
+        model.eval()
+        saved = self.data
+        self.data = held
+        n = held["n_named"].shape[0]
+        accs_b, accs_c, inbox = [], [], []
+        single = tpl.base[: int(tpl.base_ans[0]) + 2]
+        for s in range(0, n, batch):
+            idx = torch.arange(s, min(n, s + batch), device=self.device)
+            t = held["target"][idx][:, None]
+            _, pix, _, _ = self.base_batch(idx, 1)
+            ids = single[None].repeat(len(idx), 1)
+            colour = held["frame_colour"][idx].gather(1, t)
+            glyph = held["frame_glyph"][idx].gather(1, t)
+            ids[:, tpl.base_col[0]] = tpl.colour_ids[colour[:, 0]]
+            ans = int(tpl.base_ans[0])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+                out = model(input_ids=ids[:, :ans], pixel_values=pix, output_hidden_states=True)
+            accs_b.append((out.logits[:, -1].argmax(-1) == tpl.glyph_ids[glyph[:, 0]]).float())
+            mask = box_masks(held["frame_cells"][idx].gather(1, t[..., None].expand(-1, -1, 4))[:, 0], self.grid)
+            rows = torch.tensor([ans - 1], device=self.device)
+            per_layer = []
+            for li, layer in enumerate(self.layers):
+                att = answer_attention(layer, self.rotary, out.hidden_states[li].float(), rows)
+                m = att[:, :, 0, 2 : 2 + tpl.n_img].mean(1)
+                per_layer.append(mask.gather(1, m.argmax(-1, keepdim=True))[:, 0].float())
+            inbox.append(torch.stack(per_layer, 1))
+            ids_c, pix_c, glyph_c, _ = self.crop_batch(idx)
+            ans_c = int(tpl.crop_ans[0])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+                lg = model(input_ids=ids_c[:, :ans_c], pixel_values=pix_c).logits[:, -1]
+            accs_c.append((lg.argmax(-1) == tpl.glyph_ids[glyph_c[:, 0]]).float())
+        self.data = saved
+        model.train()
+        return {
+            "acc_base": torch.cat(accs_b).mean().item(),
+            "acc_crop": torch.cat(accs_c).mean().item(),
+            "argmax_in_box": [round(v, 3) for v in torch.cat(inbox).mean(0).tolist()],
+        }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="models/sdrpn-toy-llava", help="model directory to write")
+    p.add_argument("--seed", type=int, default=0, help="model init / sampling seed; world seeds derive from it")
+    p.add_argument("--n-images", type=int, default=40000, help="training images (default world)")
+    p.add_argument("--n-easy", type=int, default=8000, help="extra curriculum images with 2-3 frames")
+    p.add_argument("--n-heldout", type=int, default=512)
+    p.add_argument("--cache", default=None, help="data cache dir (reused when it has meta.json)")
+    p.add_argument("--generate-only", action="store_true")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--steps", type=int, default=8000, help="planned steps (the cosine schedule's length)")
+    p.add_argument("--time-budget", type=float, default=0.0, help="seconds of training; shortens --steps to fit")
+    p.add_argument("--batch", type=int, default=48, help="base-view images per step")
+    p.add_argument("--turns", type=int, default=3, help="QA turns per base-view image")
+    p.add_argument("--crop-batch", type=int, default=48, help="base + crop samples per step")
+    p.add_argument("--base-weight", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="per-token glyph/colour head (training only)")
+    p.add_argument("--point-weight", type=float, default=0.0, help="attention-on-named-frame loss (0 = off)")
+    p.add_argument("--point-layer", type=int, default=3)
+    p.add_argument("--point-heads", type=int, default=2)
+    p.add_argument("--curriculum-steps", type=int, default=800, help="steps drawing only from the easy images")
+    p.add_argument("--crop-margin", type=float, default=0.25)
+    p.add_argument("--crop-jitter", type=float, default=0.15)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--write-processor", action="store_true", help="only write the processor/tokenizer to --out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    args.amp = args.amp and device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    params = WorldParams()
+    if args.write_processor:
+        _, processor = build_toy_llava(world_vocabulary(params), SIZES, seed=args.seed)
+        processor.save_pretrained(args.out)
+        log(f"wrote the processor to {args.out}")
+        return
+    easy = WorldParams(min_frames=2, max_frames=3)
+    cache = Path(args.cache or f"/tmp/sdrpn-world-cache-{args.seed}-{args.n_images}-{args.n_easy}")
+    held_cache = cache.with_name(cache.name + "-heldout")
+    world_seed = 1000 + args.seed  # training worlds: 1000+seed (default) and 2000+seed (easy); held-out: 3000+seed
+    if not (cache / "meta.json").exists():
+        parts = [(world_seed, params, args.n_images)]
+        if args.n_easy:
+            parts.append((2000 + args.seed, easy, args.n_easy))
+        generate_data(cache, parts, args.workers, args.crop_margin, args.crop_jitter)
+    if not (held_cache / "meta.json").exists():
+        generate_data(held_cache, [(3000 + args.seed, params, args.n_heldout)], args.workers, args.crop_margin, 0.0)
+    if args.generate_only:
+        return
+
+    model, processor = build_toy_llava(world_vocabulary(params), SIZES, seed=args.seed)
+    model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters; device {device}; amp {args.amp}")
+    data = load_data(cache, device)
+    held = load_data(held_cache, device)
+    trainer = Trainer(args, model, processor, params, data, device)
+    n_train = data["n_named"].shape[0]
+    trainer.easy_idx = torch.arange(args.n_images, n_train, device=device) if args.n_easy else None
+    opt = torch.optim.AdamW(
+        list(model.parameters()) + list(trainer.aux.parameters()),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        betas=(0.9, 0.98),
+        fused=device.type == "cuda",
+    )
+    total = args.steps
+    history = []
+    t0 = time.time()
+    step = 0
+    calib_at = min(200, args.warmup)
+    while step < total:
+        if args.time_budget > 0 and time.time() - t0 > 1.1 * args.time_budget:
+            log(f"time budget exceeded at step {step}; stopping")
+            break
+        if step == calib_at and args.time_budget > 0:
+            per = (time.time() - t0) / step
+            fit = int(args.time_budget / (per * 1.04))
+            total = max(step + 1, min(args.steps, fit))
+            log(f"{per * 1000:.1f} ms/step -> {total} steps to fit {args.time_budget:.0f}s")
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        if step >= args.warmup:
+            prog = (step - args.warmup) / max(1, total - args.warmup)
+            lr = args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, stats = trainer.step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(trainer.aux.parameters()), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0 or step == 1:
+            s = {k: round(float(v.detach()), 3) for k, v in stats.items()}
+            el = time.time() - t0
+            log(f"step {step}/{total} lr {lr:.2e} loss {float(loss):.3f} gn {float(gn):.2f} {s} {el:.0f}s")
+        if step % args.eval_every == 0 or step == total:
+            ev = trainer.evaluate(held)
+            ev.update(step=step, seconds=round(time.time() - t0, 1))
+            history.append(ev)
+            log(f"eval {json.dumps(ev)}")
+    if not history or history[-1]["step"] != step:
+        ev = trainer.evaluate(held)
+        ev.update(step=step, seconds=round(time.time() - t0, 1))
+        history.append(ev)
+        log(f"eval {json.dumps(ev)}")
+    train_s = time.time() - t0
+    out = Path(args.out)
+    model.eval().to("cpu").float()
+    try:
+        save_toy_llava(model, processor, out)
+    except Exception as e:  # an older transformers may not save this processor: keep the weights anyway
+        log(f"processor not saved ({e!r}); rewrite it with --write-processor")
+        model.save_pretrained(out)
+    summary = {
+        "steps": step,
+        "train_seconds": round(train_s, 1),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "parameters": n_params,
+        "sizes": asdict(SIZES),
+        "world": asdict(params),
+        "args": vars(args),
+        "history": history,
+    }
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"saved {out} after {step} steps, {train_s:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
