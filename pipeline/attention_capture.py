@@ -34,11 +34,15 @@ class Captured:
     n_rows: torch.Tensor
 
 
-def response_row_mask(batch: Batch, n_rows: int, include_eos: bool, eos_ids: list[int]) -> torch.Tensor:
+def response_row_mask(
+    batch: Batch, n_rows: int, include_eos: bool, eos_ids: list[int], include_last_prompt: bool = False
+) -> torch.Tensor:
     """(B, n_rows) mask over the last ``n_rows`` positions: True where the row is a response query.
 
     Rows are the response tokens as fed back to the model; a final EOS is excluded unless
-    ``include_eos`` (the reference code never feeds the final EOS back).
+    ``include_eos`` (the reference code never feeds the final EOS back). ``include_last_prompt`` adds the
+    last prompt token, the position that produced the first answer token (for one-word answers it is
+    where the model reads the image; not the paper's default).
     """
     ids = batch.inputs["input_ids"]
     lens = batch.response_len.to(ids.device)
@@ -50,6 +54,8 @@ def response_row_mask(batch: Batch, n_rows: int, include_eos: bool, eos_ids: lis
     offsets = torch.arange(n_rows, device=ids.device).unsqueeze(0)
     # Row r sits at sequence position S - n_rows + r; the response starts at row n_rows - lens.
     first = (n_rows - lens).unsqueeze(1)
+    if include_last_prompt:
+        first, keep = first - 1, keep + 1
     return (offsets >= first) & (offsets < first + keep.unsqueeze(1))
 
 
@@ -60,6 +66,7 @@ def capture_attention(
     layers: list[int],
     per_head: bool = False,
     include_eos: bool = False,
+    include_last_prompt: bool = False,
 ) -> Captured:
     """Run one truncated forward over prompt + response and capture what the label stage needs."""
     if not layers:
@@ -70,8 +77,9 @@ def capture_attention(
         raise ValueError(f"layers {bad} out of range for a {n_layers_model}-layer decoder")
     n_heads, n_kv, _ = adapter.attention_geometry
     bsz, n_vis = batch.visual_index.shape
-    n_rows = max(int(batch.response_len.max().item()), 1)
-    row_mask = response_row_mask(batch, n_rows, include_eos, adapter.eos_token_ids).to(adapter.device)
+    n_rows = max(int(batch.response_len.max().item()) + int(include_last_prompt), 1)
+    row_mask = response_row_mask(batch, n_rows, include_eos, adapter.eos_token_ids, include_last_prompt)
+    row_mask = row_mask.to(adapter.device)
     n_valid_rows = row_mask.sum(-1)
     pad_mask = batch.inputs["attention_mask"].bool().to(adapter.device)
     seq = pad_mask.shape[1]

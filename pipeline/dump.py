@@ -21,6 +21,7 @@ class DumpParams:
     layers: list[int] = field(default_factory=lambda: [14])
     per_head: bool = False
     include_eos: bool = False
+    include_last_prompt: bool = False  # also the row that produced the first answer token (not the paper's)
     batch_size: int = 16
     chunk_samples: int = 256
 
@@ -68,7 +69,9 @@ def dump_attention(
             images = load_images(refs[start:stop], ids[start:stop])
             prompts = [adapter.render_prompt(q) for q in questions[start:stop]]
             batch = adapter.build_batch(images, prompts, response_ids[start:stop])
-            cap = capture_attention(adapter, batch, params.layers, params.per_head, params.include_eos)
+            cap = capture_attention(
+                adapter, batch, params.layers, params.per_head, params.include_eos, params.include_last_prompt
+            )
             writer.write(
                 start,
                 ids[start:stop],

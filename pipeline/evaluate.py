@@ -56,6 +56,7 @@ class EvalParams:
     raw_attention: bool = True  # ablation: RoI from the teacher's answer->image attention, no RPN
     raw_attention_layers: list[int] = field(default_factory=lambda: [4])
     raw_attention_tau: float = 0.3  # on the map divided by its max
+    raw_attention_last_prompt: bool = False  # add the row that produced the first answer token (as dump)
 
 
 def rpn_maps(rpn: RPN) -> Callable[[list[Image.Image], list[str]], list[np.ndarray]]:
@@ -77,10 +78,11 @@ def raw_attention_maps(
     questions: list[str],
     responses: list[list[int]],
     layers: list[int],
+    include_last_prompt: bool = False,
 ) -> list[np.ndarray]:
     """The teacher's own answer->image attention (head and layer mean), divided by its max, on each grid."""
     batch = adapter.build_batch(images, [adapter.render_prompt(q) for q in questions], responses)
-    cap = capture_attention(adapter, batch, layers)
+    cap = capture_attention(adapter, batch, layers, include_last_prompt=include_last_prompt)
     att = cap.attention.mean(1).cpu().numpy()
     out = []
     for a, (h, w) in zip(att, batch.grids, strict=True):
@@ -151,7 +153,12 @@ def evaluate_manifest(
         if params.raw_attention:
             t0 = time.perf_counter()
             maps = raw_attention_maps(
-                adapter, images, questions, [r["response_token_ids"] for r in base], params.raw_attention_layers
+                adapter,
+                images,
+                questions,
+                [r["response_token_ids"] for r in base],
+                params.raw_attention_layers,
+                params.raw_attention_last_prompt,
             )
             roi_params = RoIParams(**{**params.roi, "mode": "masked", "tau": params.raw_attention_tau})
             results["raw_attention"] = two_stage_batch(

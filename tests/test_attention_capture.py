@@ -13,7 +13,7 @@ from tests.conftest import random_images
 ATOL = 1e-6
 
 
-def _eager_reference(model, adapter, batch, layers, include_eos):
+def _eager_reference(model, adapter, batch, layers, include_eos, include_last_prompt=False):
     """Full eager forward with output_attentions=True; slice response rows x visual columns by hand."""
     model.set_attn_implementation("eager")
     try:
@@ -29,6 +29,8 @@ def _eager_reference(model, adapter, batch, layers, include_eos):
         ids = batch.inputs["input_ids"][i].tolist()
         n_rows = n_resp - (1 if (not include_eos and n_resp and ids[-1] in eos) else 0)
         rows = list(range(seq - n_resp, seq - n_resp + n_rows))
+        if include_last_prompt:
+            rows = [seq - n_resp - 1, *rows]
         vis = batch.visual_index[i]
         per_layer = [out.attentions[layer][i][:, rows][:, :, vis].mean(1) for layer in layers]  # (H, V)
         attn.append(torch.stack(per_layer))
@@ -76,3 +78,15 @@ def test_capture_rejects_bad_layers(adapter):
     batch = adapter.build_batch(random_images(1), [adapter.render_prompt("a")], [[20]])
     with pytest.raises(ValueError, match="out of range"):
         capture_attention(adapter, batch, [99])
+
+
+def test_capture_with_last_prompt_row_matches_eager(toy, adapter):
+    model, _ = toy
+    eos = adapter.eos_token_ids[0]
+    responses = [[20, eos], [22], [20, 21, 22, eos]]
+    prompts = [adapter.render_prompt(q) for q in ["what is in the red box ?", "a b", "box"]]
+    batch = adapter.build_batch(random_images(3), prompts, responses)
+    cap = capture_attention(adapter, batch, [2], per_head=True, include_last_prompt=True)
+    ref_attn, _ = _eager_reference(model, adapter, batch, [2], include_eos=False, include_last_prompt=True)
+    torch.testing.assert_close(cap.attention, ref_attn, atol=ATOL, rtol=0)
+    assert cap.n_rows.tolist() == [2, 2, 4]
