@@ -46,21 +46,21 @@ def decode_batch(adapter: ModelAdapter, images: list, questions: list[str], max_
         eos_token_id=adapter.eos_token_ids,
     )
     new = out[:, batch.inputs["input_ids"].shape[1] :].tolist()
+    return [response_row(adapter, prompt, toks) for prompt, toks in zip(prompts, new, strict=True)]
+
+
+def response_row(adapter: ModelAdapter, prompt: str, toks: list[int]) -> dict:
+    """A responses row from generated ids: cut after the first EOS (kept), drop the padding after it."""
     eos = set(adapter.eos_token_ids)
-    rows = []
-    for prompt, toks in zip(prompts, new, strict=True):
-        cut = next((i for i, t in enumerate(toks) if t in eos), None)
-        ids = toks[: cut + 1] if cut is not None else toks  # keep the EOS itself, drop the padding after it
-        rows.append(
-            {
-                "prompt": prompt,
-                "response": adapter.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                "response_token_ids": ids,
-                "finish_reason": "eos" if cut is not None else "length",
-                "model_id": adapter.model_id,
-            }
-        )
-    return rows
+    cut = next((i for i, t in enumerate(toks) if t in eos), None)
+    ids = toks[: cut + 1] if cut is not None else toks
+    return {
+        "prompt": prompt,
+        "response": adapter.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+        "response_token_ids": ids,
+        "finish_reason": "eos" if cut is not None else "length",
+        "model_id": adapter.model_id,
+    }
 
 
 def decode_manifest(

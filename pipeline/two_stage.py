@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.decode import response_row
 from pipeline.models.base import ModelAdapter, Stage2Inputs
 from pipeline.roi import RoI, RoIParams, UpscaleMode, postprocess
 
@@ -131,19 +132,6 @@ def build_stage2_inputs(
     return adapter.stage2_inputs(images, questions, used)
 
 
-def _response_row(adapter: ModelAdapter, prompt: str, toks: list[int]) -> dict:
-    eos = set(adapter.eos_token_ids)
-    cut = next((i for i, t in enumerate(toks) if t in eos), None)
-    ids = toks[: cut + 1] if cut is not None else toks  # keep the EOS itself, drop the padding after it
-    return {
-        "prompt": prompt,
-        "response": adapter.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-        "response_token_ids": ids,
-        "finish_reason": "eos" if cut is not None else "length",
-        "model_id": adapter.model_id,
-    }
-
-
 @torch.no_grad()
 def generate_with_crops(
     adapter: ModelAdapter,
@@ -166,7 +154,7 @@ def generate_with_crops(
     # continued by generate() from each row's last position: what the model's own rope deltas give.
     rows = []
     for prompt, toks, cs, n in zip(inputs.prompts, out.tolist(), inputs.crops, inputs.n_crop_tokens, strict=True):
-        row = _response_row(adapter, prompt, toks)
+        row = response_row(adapter, prompt, toks)
         row["crop_boxes"] = [list(c.box) for c in cs]
         row["n_crop_tokens"] = n
         rows.append(row)

@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -381,11 +381,19 @@ class Trainer:
         return loss, acc
 
     def aux_loss(self, glyph_lab: torch.Tensor, colour_lab: torch.Tensor) -> torch.Tensor:
-        out = self.aux(self._proj_out.float())  # [n_img, 196, C]
+        """Per-cell glyph and colour CE on the projector output.
+
+        The glyph term is averaged over the cells that hold a glyph (a mean over all cells would
+        drown them: ~1 in 20 cells holds one), plus a light glyph-or-not term over every cell.
+        """
+        out = self.aux(self._proj_out.float()).flatten(0, 1)  # [n_img * 196, C]
         ng = len(GLYPHS) + 1
-        lg = F.cross_entropy(out[..., :ng].flatten(0, 1), glyph_lab.flatten())
-        lc = F.cross_entropy(out[..., ng:].flatten(0, 1), colour_lab.flatten())
-        return lg + lc
+        glyph_lab, colour_lab = glyph_lab.flatten(), colour_lab.flatten()
+        has = glyph_lab > 0
+        lg = F.cross_entropy(out[has, :ng], glyph_lab[has]) if has.any() else out.sum() * 0
+        lp = F.cross_entropy(out[:, :ng], glyph_lab) if (glyph_lab >= 0).any() else out.sum() * 0
+        lc = F.cross_entropy(out[:, ng:], colour_lab)
+        return lg + 0.2 * lp + lc
 
     def point_loss(self, ans_pos: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """-log(attention mass on the named frame's tokens) of the answer rows, for the chosen heads."""
@@ -404,13 +412,13 @@ class Trainer:
         ids, pix, glyph, cells = self.base_batch(idx, a.turns)
         logits = self.model(input_ids=ids, pixel_values=pix).logits
         loss_b, acc_b = self.answer_loss(logits, self.tpl.base_ans, glyph)
-        aux_b = self.aux_loss(d["base_glyph"][idx], d["base_colour"][idx])
+        aux_b = self.aux_loss(self._base_glyph(idx), d["base_colour"][idx])
         pt = self.point_loss(self.tpl.base_ans, cells) if a.point_weight > 0 else torch.zeros((), device=self.device)
         idx_c = self._sample(pool, n, a.crop_batch)
         ids, pix, glyph, cells_c = self.crop_batch(idx_c)
         logits = self.model(input_ids=ids, pixel_values=pix).logits
         loss_c, acc_c = self.answer_loss(logits, self.tpl.crop_ans, glyph)
-        gl = torch.stack([d["base_glyph"][idx_c], d["crop_glyph"][idx_c]], 1).flatten(0, 1)
+        gl = torch.stack([self._base_glyph(idx_c), d["crop_glyph"][idx_c]], 1).flatten(0, 1)
         cl = torch.stack([d["base_colour"][idx_c], d["crop_colour"][idx_c]], 1).flatten(0, 1)
         aux_c = self.aux_loss(gl, cl)
         if a.point_weight > 0:
@@ -418,6 +426,11 @@ class Trainer:
         total = a.base_weight * loss_b + loss_c + a.aux_weight * (aux_b + aux_c) + a.point_weight * pt
         stats = {"base": loss_b, "crop": loss_c, "acc_b": acc_b, "acc_c": acc_c, "aux": aux_b + aux_c, "point": pt}
         return total, stats
+
+    def _base_glyph(self, idx: torch.Tensor) -> torch.Tensor:
+        """Per-cell glyph labels of base views; -100 (ignored) everywhere with --no-aux-base-glyph."""
+        lab = self.data["base_glyph"][idx]
+        return lab if self.args.aux_base_glyph else torch.full_like(lab, -100)
 
     def _sample(self, pool: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
         if pool is None:
@@ -488,6 +501,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--aux-weight", type=float, default=0.5, help="per-token glyph/colour head (training only)")
+    p.add_argument(
+        "--no-aux-base-glyph",
+        dest="aux_base_glyph",
+        action="store_false",
+        help="no per-token glyph labels on base views (colour only): do not teach reading at base resolution",
+    )
+    p.add_argument(
+        "--world",
+        default="{}",
+        help='JSON overrides of WorldParams for the training and held-out worlds, e.g. \'{"glyph_style": "solid"}\'',
+    )
     p.add_argument("--point-weight", type=float, default=0.0, help="attention-on-named-frame loss (0 = off)")
     p.add_argument("--point-layer", type=int, default=3)
     p.add_argument("--point-heads", type=int, default=2)
@@ -513,23 +537,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    params = WorldParams()
+    params = WorldParams(**json.loads(args.world))
     if args.write_processor:
         _, processor = build_toy_llava(world_vocabulary(params), SIZES, seed=args.seed)
         processor.save_pretrained(args.out)
         log(f"wrote the processor to {args.out}")
         return
-    easy = WorldParams(min_frames=2, max_frames=3)
+    easy = replace(params, min_frames=2, max_frames=3)
     cache = Path(args.cache or f"/tmp/sdrpn-world-cache-{args.seed}-{args.n_images}-{args.n_easy}")
     held_cache = cache.with_name(cache.name + "-heldout")
-    world_seed = 1000 + args.seed  # training worlds: 1000+seed (default) and 2000+seed (easy); held-out: 3000+seed
-    if not (cache / "meta.json").exists():
-        parts = [(world_seed, params, args.n_images)]
-        if args.n_easy:
-            parts.append((2000 + args.seed, easy, args.n_easy))
-        generate_data(cache, parts, args.workers, args.crop_margin, args.crop_jitter)
-    if not (held_cache / "meta.json").exists():
-        generate_data(held_cache, [(3000 + args.seed, params, args.n_heldout)], args.workers, args.crop_margin, 0.0)
+    # training worlds: 1000+seed (default) and 2000+seed (easy); held-out: 3000+seed
+    parts = [(1000 + args.seed, params, args.n_images)] + (
+        [(2000 + args.seed, easy, args.n_easy)] if args.n_easy else []
+    )
+    for where, want, jitter in (
+        (cache, parts, args.crop_jitter),
+        (held_cache, [(3000 + args.seed, params, args.n_heldout)], 0.0),
+    ):
+        meta = where / "meta.json"
+        if meta.exists():
+            have = json.loads(meta.read_text())
+            spec = {"parts": [[s, asdict(p), c] for s, p, c in want], "margin": args.crop_margin, "jitter": jitter}
+            if json.loads(json.dumps(spec)) != have:
+                raise SystemExit(f"{where} holds another world or crop setting; pass another --cache or delete it")
+        else:
+            generate_data(where, want, args.workers, args.crop_margin, jitter)
     if args.generate_only:
         return
 
@@ -579,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % 50 == 0 or step == 1:
             s = {k: round(float(v.detach()), 3) for k, v in stats.items()}
             el = time.time() - t0
-            log(f"step {step}/{total} lr {lr:.2e} loss {float(loss):.3f} gn {float(gn):.2f} {s} {el:.0f}s")
+            log(f"step {step}/{total} lr {lr:.2e} loss {loss.item():.3f} gn {gn.item():.2f} {s} {el:.0f}s")
         if step % args.eval_every == 0 or step == total:
             ev = trainer.evaluate(held)
             ev.update(step=step, seconds=round(time.time() - t0, 1))
