@@ -26,7 +26,7 @@ from pipeline.models.toy import build_toy_llava
 
 PRESETS = {
     "llava7b": dict(sizes=LLAVA7B, layers=[14], batch=48, new_tokens=16),
-    "embedded": dict(sizes=EMBEDDED, layers=[4], batch=16, new_tokens=8),
+    "embedded": dict(sizes=EMBEDDED, layers=[3], batch=16, new_tokens=8),
 }
 
 

@@ -29,7 +29,7 @@ TARGET_SAMPLES_PER_S = 42.0  # one H100: 152K in under an hour
 
 PRESETS = {
     "llava7b": dict(sizes=LLAVA7B, B=15, R=3, global_batch=128, micro_batch=32, steps=4),
-    "embedded": dict(sizes=EMBEDDED, B=4, R=3, global_batch=32, micro_batch=16, steps=4),
+    "embedded": dict(sizes=EMBEDDED, B=3, R=3, global_batch=32, micro_batch=16, steps=4),
 }
 QUESTION = "what is in the red box ? w1 w2 w3 w4 w5 w6 w7 w8"  # about a GQA question's length
 

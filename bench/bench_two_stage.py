@@ -32,7 +32,7 @@ from pipeline.rpn import RPN
 from pipeline.two_stage import two_stage_batch
 
 PRESETS = {
-    "embedded": dict(family="llava", sizes=EMBEDDED, B=4, R=3, batch=16, new_tokens=8, dump_layer=3),
+    "embedded": dict(family="llava", sizes=EMBEDDED, B=3, R=3, batch=16, new_tokens=8, dump_layer=3),
     "llava7b": dict(family="llava", sizes=LLAVA7B, B=15, R=3, batch=32, new_tokens=16, dump_layer=14),
     "qwen7b": dict(family="qwen", B=16, R=3, batch=8, new_tokens=16, dump_layer=16),
 }

@@ -30,10 +30,10 @@ EMBEDDED = ToyLlavaSizes(
     vision_hidden=128,
     vision_layers=4,
     vision_heads=4,
-    text_hidden=256,
+    text_hidden=192,
     text_layers=8,
-    text_heads=8,
-    text_intermediate=768,
+    text_heads=6,
+    text_intermediate=384,
 )
 WORDS = [f"w{i}" for i in range(64)] + ["what", "is", "in", "the", "red", "box", "?"]
 
