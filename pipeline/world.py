@@ -1,18 +1,22 @@
 """A synthetic fine-grained VQA world with ground-truth boxes (the embedded default's data).
 
 Each image is a square canvas (448 px by default) of noise and grey clutter with 3-6 coloured
-frames. Every frame holds one small glyph (a 5x7 bitmap character, 2x2 source pixels per font
-pixel). The question names a frame by its colour ("what is in the red box ?") and the answer is
-its glyph. Frames are plain at the model's base view (224 px: the colour survives the 2x
-downscale), the glyph is not: its pixels are drawn as a +-contrast checkerboard around the
-frame's interior colour, which a 2x downscale averages away, while a crop of the frame resized to
-224 px (any crop up to ~250 source px) shows it crisply. That is the paper's situation, made
-exact: the detail is lost at the base resolution and present in a high-resolution crop.
-(A spike found that plain small glyphs, even 2.5x3.5 px at the base view, are read by a small
-CNN: downscaling keeps their information unless it is cancelled.)
+frames. Every frame holds one small glyph; the question names a frame by its colour ("what is in
+the red box ?") and the answer is its glyph. Frames are plain at the model's base view (224 px:
+the colour survives the 2x downscale), the glyph is not. By default a frame's interior is filled
+with one of four 1-px-period textures (``rows``, ``columns``, ``checks``, or ``nothing``; grey
+stray patches of them lie outside the frames): every 2x2 tile of a texture has zero mean, so the
+2x downscale to the base view flattens all four into the same interior colour, while a crop of
+the frame resized to 224 px (any crop up to ~250 source px) shows the pattern. That is the
+paper's situation, made exact: the detail is lost at the base resolution and present in a
+high-resolution crop. (A spike found that plain small glyphs, even
+2.5x3.5 px at the base view, are read by a small CNN: downscaling keeps their information unless
+it is cancelled; and 5x7 characters drawn in a checker pattern, the other cancelled style here,
+were not learned by a small model in 2,000 GPU steps.)
 
 Frames and glyphs are aligned to the base view's token grid (14x14 cells of 32 source px by
-default): a frame covers whole cells and its glyph sits inside one interior cell.
+default): a frame covers whole cells; a texture fills its interior (``texture_fill``), a character
+glyph sits inside one interior cell.
 
 Everything is pure and seeded: ``generate_sample(params, seed, index)`` always draws the same
 sample. Glyphs come from a bitmap font in this file (not a system font), so rendering does not
@@ -74,6 +78,17 @@ GLYPH_MASKS: dict[str, np.ndarray] = {
     g: np.array([[c == "#" for c in row] for row in rows], dtype=bool) for g, rows in _FONT_ROWS.items()
 }
 
+# Texture glyphs: a 2x2-pixel tile repeated over a square patch. Each tile has zero mean, and a 2x
+# downscale whose samples sit between pixel pairs (PIL's bicubic/area resize of an even-aligned patch)
+# weighs both pixels of every pair equally, so all four textures turn into the same flat interior there.
+TEXTURE_TILES: dict[str, np.ndarray] = {
+    "rows": np.array([[1, 1], [-1, -1]], np.float32),
+    "columns": np.array([[1, -1], [1, -1]], np.float32),
+    "checks": np.array([[1, -1], [-1, 1]], np.float32),
+    "nothing": np.zeros((2, 2), np.float32),
+}
+TEXTURES: tuple[str, ...] = tuple(TEXTURE_TILES)
+
 # Named frame colours (distinct hues, all visible after the 2x downscale).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -103,11 +118,16 @@ class WorldParams:
     border_px: int = 4  # frame border thickness, source px (inside the box)
     paper: int = 190  # grey level of a frame's interior before the tint (leaves headroom for the glyph pattern)
     tint: float = 0.3  # frame interior = paper grey blended with this share of the frame colour
-    glyph_scale: int = 2  # source px per font pixel (the glyph is 5x7 font pixels)
-    # "checker": font pixels are +-contrast in a 1-px checkerboard, so a 2x downscale averages the glyph
-    # away (unreadable at the base view, crisp in a crop at >= 1x); "solid": dark ink, readable at base.
-    glyph_style: str = "checker"
-    glyph_contrast: tuple[int, int] = (60, 100)  # checker amplitude / solid ink darkening, drawn uniformly
+    # "texture" (default): the glyph is a square patch of one of TEXTURES (rows, columns, checks of 1-px
+    # period, or nothing), which a 2x downscale flattens (unreadable at the base view) and a crop shows.
+    # "checker": a 5x7 font character whose pixels are +-contrast in a 1-px checkerboard (also cancelled
+    # at the base view, but hard for a small model to learn to read); "solid": dark ink, readable at base.
+    glyph_style: str = "texture"
+    glyph_scale: int = 2  # character styles: source px per font pixel (the glyph is 5x7 font pixels)
+    texture_px: int = 24  # texture style: side of the square patch, source px (even)
+    texture_fill: bool = True  # texture style: a frame's texture fills its whole interior (strays keep texture_px)
+    texture_ramp: int = 4  # texture style: the amplitude ramps up over this many px from the patch edge
+    glyph_contrast: tuple[int, int] = (60, 100)  # pattern amplitude / solid ink darkening, drawn uniformly
     glyph_dc: float = 0.0  # checker only: also darken glyph pixels by this share of the amplitude (visible at base)
     distractor_frames: tuple[int, int] = (0, 2)  # grey frames with glyphs, min/max count
     stray_glyphs: tuple[int, int] = (4, 10)  # grey glyphs outside frames, min/max count
@@ -119,6 +139,11 @@ class WorldParams:
     def cell(self) -> int:
         """Source pixels per token cell."""
         return self.canvas // self.grid
+
+    @property
+    def glyphs(self) -> tuple[str, ...]:
+        """The answer alphabet of this glyph style."""
+        return TEXTURES if self.glyph_style == "texture" else GLYPHS
 
 
 @dataclass
@@ -154,7 +179,8 @@ class WorldSample:
 def world_vocabulary(params: WorldParams | None = None) -> list[str]:
     """Every word the questions and answers use (for the word-level tokenizer)."""
     params = params or WorldParams()
-    return list(QUESTION_WORDS) + list(params.colours) + list(GLYPHS)
+    # both alphabets, characters first: a tokenizer built before the texture style keeps its ids
+    return list(QUESTION_WORDS) + list(params.colours) + list(GLYPHS) + list(TEXTURES)
 
 
 def question_for(colour: str) -> str:
@@ -187,7 +213,9 @@ def _place_boxes(
 
 
 def _draw_glyph(arr: np.ndarray, glyph: str, x: int, y: int, params: WorldParams, contrast: float) -> Box:
-    """Draw a bitmap glyph with its top-left at (x, y) onto ``arr`` (uint8 HWC); return its pixel box."""
+    """Draw a glyph with its top-left at (x, y) onto ``arr`` (uint8 HWC); return its pixel box."""
+    if params.glyph_style == "texture":
+        return _draw_texture(arr, glyph, x, y, params, contrast)
     mask = GLYPH_MASKS[glyph]
     if params.glyph_scale != 1:
         mask = np.kron(mask, np.ones((params.glyph_scale, params.glyph_scale), dtype=bool))
@@ -207,18 +235,53 @@ def _draw_glyph(arr: np.ndarray, glyph: str, x: int, y: int, params: WorldParams
     return (x, y, x + w, y + h)
 
 
+def texture_envelope(height: int, width: int, ramp: int) -> np.ndarray:
+    """[height, width] amplitude envelope of a texture patch: 1 inside, a linear ramp over ``ramp`` px at the edges.
+
+    A hard-edged patch leaks its orientation through the downscale at its borders (the resampling kernel
+    sees an unpaired first row there); the ramp makes that leak a few grey levels at most.
+    """
+
+    def edge(n: int) -> np.ndarray:
+        d = np.minimum(np.arange(n), np.arange(n)[::-1]).astype(np.float32)
+        return np.minimum(1.0, (d + 0.5) / max(ramp, 1))
+
+    return np.minimum(edge(height)[:, None], edge(width)[None, :])
+
+
+def _draw_texture(
+    arr: np.ndarray,
+    name: str,
+    x: int,
+    y: int,
+    params: WorldParams,
+    contrast: float,
+    size: tuple[int, int] | None = None,
+) -> Box:
+    """Draw texture ``name`` as a (w, h) = ``size`` patch (default ``texture_px`` square) at (x, y); return its box."""
+    w, h = size or (params.texture_px, params.texture_px)
+    region = arr[y : y + h, x : x + w].astype(np.float32)
+    # amplitude capped so that neither sign clips: the pattern then averages to the background exactly
+    amp = min(contrast, float(region.min()), 255.0 - float(region.max()))
+    pattern = np.tile(TEXTURE_TILES[name], (h // 2, w // 2)) * texture_envelope(h, w, params.texture_ramp)
+    region = region + (amp * pattern)[..., None]
+    arr[y : y + h, x : x + w] = np.clip(np.round(region), 0, 255).astype(np.uint8)
+    return (x, y, x + w, y + h)
+
+
 def _glyph_size(params: WorldParams) -> tuple[int, int]:
+    if params.glyph_style == "texture":
+        return params.texture_px, params.texture_px
     return 5 * params.glyph_scale, 7 * params.glyph_scale
 
 
 def _glyph_in_cell(rng: np.random.Generator, params: WorldParams, row: int, col: int) -> tuple[int, int]:
-    """Top-left of a glyph placed at random inside cell (row, col), >= 4 px from the cell edges.
+    """Top-left of a glyph placed at random inside cell (row, col), >= 4 px (textures: 2 px) from the cell edges.
 
-    Coordinates are even, so each font pixel's 2x2 checker block falls on one pixel of a 2x downscale
-    and cancels there.
+    Coordinates are even, so each 2x2 pattern tile falls on one pixel of a 2x downscale and cancels there.
     """
     gw, gh = _glyph_size(params)
-    cell, pad = params.cell, 4
+    cell, pad = params.cell, (2 if params.glyph_style == "texture" else 4)
     x = col * cell + 2 * int(rng.integers(pad // 2, max(pad // 2 + 1, (cell - gw - pad) // 2 + 1)))
     y = row * cell + 2 * int(rng.integers(pad // 2, max(pad // 2 + 1, (cell - gh - pad) // 2 + 1)))
     return x, y
@@ -287,7 +350,7 @@ def generate_sample(params: WorldParams, seed: int, index: int) -> WorldSample:
     for k in rng.permutation(len(free))[:n_stray]:
         r, c = (int(v) for v in free[k])
         x, y = _glyph_in_cell(rng, params, r, c)
-        g = GLYPHS[int(rng.integers(len(GLYPHS)))]
+        g = params.glyphs[int(rng.integers(len(params.glyphs)))]
         stray.append((g, _draw_glyph(arr, g, x, y, params, float(rng.uniform(*params.glyph_contrast)))))
 
     frames: list[Frame] = []
@@ -310,14 +373,20 @@ def generate_sample(params: WorldParams, seed: int, index: int) -> WorldSample:
         draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=fill, outline=rgb, width=params.border_px)
         inner_r = int(rng.integers(r0 + 1, r0 + h - 1)) if h > 2 else r0
         inner_c = int(rng.integers(c0 + 1, c0 + w - 1)) if w > 2 else c0
-        glyph = GLYPHS[int(rng.integers(len(GLYPHS)))]
+        glyph = params.glyphs[int(rng.integers(len(params.glyphs)))]
         glyph_spots.append((len(frames), inner_r, inner_c))
         frames.append(Frame(box=box, colour=name, glyph=glyph, glyph_box=(0, 0, 0, 0), glyph_cell=(inner_r, inner_c)))
     arr = np.array(img)
     for k, r, c in glyph_spots:
         x, y = _glyph_in_cell(rng, params, r, c)
         contrast = float(rng.uniform(*params.glyph_contrast))
-        frames[k].glyph_box = _draw_glyph(arr, frames[k].glyph, x, y, params, contrast)
+        if params.glyph_style == "texture" and params.texture_fill:
+            bx0, by0, bx1, by1 = frames[k].box
+            inset = params.border_px + 2 + (params.border_px % 2)  # even, so the 2x2 tiles stay aligned
+            size = ((bx1 - bx0 - 2 * inset) // 2 * 2, (by1 - by0 - 2 * inset) // 2 * 2)
+            frames[k].glyph_box = _draw_texture(arr, frames[k].glyph, bx0 + inset, by0 + inset, params, contrast, size)
+        else:
+            frames[k].glyph_box = _draw_glyph(arr, frames[k].glyph, x, y, params, contrast)
 
     if params.noise_std > 0:
         noise = rng.standard_normal(size=arr.shape[:2], dtype=np.float32)[..., None] * np.float32(params.noise_std)

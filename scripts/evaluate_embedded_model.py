@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.world import WorldParams, crop_box, generate_sample  # noqa: E402
 
 FG_RATIO = 0.2
+SINK_FACTOR = 10.0
 
 
 def load(model_dir: str, device: str):
@@ -69,7 +70,7 @@ def evaluate(model, processor, samples, batch: int, crop_margin: float, device: 
     n_layers = model.config.text_config.num_hidden_layers
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     correct_base, correct_crop = [], []
-    argmax_in, prec, rec, mass = ([[] for _ in range(n_layers)] for _ in range(4))
+    argmax_in, prec, rec, mass, prec_d, argmax_d = ([[] for _ in range(n_layers)] for _ in range(6))
     norm_ratio = [[] for _ in range(n_layers + 1)]
     norm_argmax_cells = [Counter() for _ in range(n_layers + 1)]
     norm_argmax_in_box = [[] for _ in range(n_layers + 1)]
@@ -91,6 +92,13 @@ def evaluate(model, processor, samples, batch: int, crop_margin: float, device: 
                 prec[li].append(float((fg & mask).sum() / fg.sum()))
                 rec[li].append(float((fg & mask).sum() / mask.sum()))
                 mass[li].append(float(a[mask].sum() / a.sum()))
+                # the paper's sink removal (eq. 1, the label stage's default): zero tokens whose input norm at
+                # this layer is > 10x the image's median, then the same fg rule
+                norms = out.hidden_states[li][b, img_pos].float().norm(dim=-1)
+                d = a.masked_fill(norms > SINK_FACTOR * norms.median(), 0)
+                fg = d >= FG_RATIO * d.max()
+                prec_d[li].append(float((fg & mask).sum() / fg.sum()))
+                argmax_d[li].append(int(mask[d.argmax()]))
             for li in range(n_layers + 1):
                 norms = out.hidden_states[li][b, img_pos].float().norm(dim=-1)
                 norm_ratio[li].append(float(norms.max() / norms.median()))
@@ -113,6 +121,8 @@ def evaluate(model, processor, samples, batch: int, crop_margin: float, device: 
                 "fg_precision": float(np.mean(prec[li])),
                 "fg_recall": float(np.mean(rec[li])),
                 "mass_in_box": float(np.mean(mass[li])),
+                "fg_precision_without_sinks": float(np.mean(prec_d[li])),
+                "argmax_in_box_without_sinks": float(np.mean(argmax_d[li])),
             }
         )
     norms = []
@@ -143,18 +153,34 @@ def print_report(r: dict) -> None:
     print(f"held-out samples: {r['n']}   GT box covers {100 * r['gt_box_token_share']:.1f}% of the tokens")
     print(f"(a) accuracy  base view only: {r['acc_base']:.3f}   base + GT crop: {r['acc_crop']:.3f}")
     print("(b) answer-row attention, head mean      (c) visual-token hidden norms (input of layer)")
-    print(" layer  argmax_in_box  fg_prec  fg_recall  mass_in_box | max/median mean  max  top cell (share)  in box")
+    print(
+        " layer  argmax_in_box  fg_prec  fg_recall  mass_in_box  (no sinks: argmax  fg_prec)"
+        " | max/median mean  max  top cell (share)  in box"
+    )
     for a, h in zip(r["attention"] + [None], r["hidden_norms"], strict=True):
         left = (
             f" {a['layer']:>5}  {a['argmax_in_box']:>13.3f}  {a['fg_precision']:>7.3f}  {a['fg_recall']:>9.3f}"
-            f"  {a['mass_in_box']:>11.3f}"
+            f"  {a['mass_in_box']:>11.3f}  {a['argmax_in_box_without_sinks']:>17.3f}"
+            f"  {a['fg_precision_without_sinks']:>7.3f}"
             if a
-            else f" {'out':>5}  {'':>13}  {'':>7}  {'':>9}  {'':>11}"
+            else f" {'out':>5}  {'':>13}  {'':>7}  {'':>9}  {'':>11}  {'':>17}  {'':>7}"
         )
         print(
             f"{left} | {h['max_over_median_mean']:>15.2f}  {h['max_over_median_max']:>4.1f}"
             f"  {str(tuple(h['top_cell'])):>9} ({h['top_cell_share']:.2f})  {h['max_norm_token_in_box']:.2f}"
         )
+
+
+def write_reference(model_dir: str, seed: int = 31337, n: int = 32) -> None:
+    """Record the pipeline-path accuracy (base view, GT crop) on a fixed small held-out set, CPU float32."""
+    from pipeline.embedded_check import world_accuracy
+    from pipeline.models import load_adapter
+
+    adapter = load_adapter(model_dir, device="cpu", dtype="float32")
+    acc = world_accuracy(adapter, seed=seed, n=n)
+    ref = {"seed": seed, "n": n, "device": "cpu", "dtype": "float32", "accuracy": acc}
+    (Path(model_dir) / "reference_accuracy.json").write_text(json.dumps(ref, indent=1) + "\n")
+    print(f"reference accuracy (seed {seed}, {n} samples): {acc}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--world", default=None, help="JSON WorldParams; default: the model's training_summary.json world")
+    p.add_argument(
+        "--write-reference",
+        action="store_true",
+        help="also record the accuracy tests/test_embedded_model.py reproduces (reference_accuracy.json, seed 31337)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
     )
     print_report(report)
+    if args.write_reference:
+        write_reference(args.model)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))

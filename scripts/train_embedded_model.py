@@ -99,10 +99,15 @@ def to_view(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
 
 
-def view_cell_centres(view: tuple[int, int, int, int], grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source-pixel centres (x, y) of the grid cells of a view of the source rectangle ``view``."""
+def view_cell_centres(view: tuple[int, int, int, int], grid: int, pad: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Source-pixel centres (x, y) of the grid cells of a view of the source rectangle ``view``.
+
+    ``pad``: the view pads the rectangle to a square (the processor's base view); else it stretches it (a crop).
+    """
     x0, y0, x1, y1 = view
     w, h = x1 - x0, y1 - y0
+    if not pad:
+        return x0 + (np.arange(grid) + 0.5) * w / grid, y0 + (np.arange(grid) + 0.5) * h / grid
     side = max(w, h)
     centres = (np.arange(grid) + 0.5) * side / grid
     xs = x0 - (side - w) // 2 + centres
@@ -110,9 +115,10 @@ def view_cell_centres(view: tuple[int, int, int, int], grid: int) -> tuple[np.nd
     return xs, ys
 
 
-def cell_labels(sample: WorldSample, view: tuple[int, int, int, int], grid: int, colours: tuple[str, ...]):
+def cell_labels(sample: WorldSample, view: tuple[int, int, int, int], params: WorldParams, pad: bool = True):
     """Per-cell (glyph class, colour class) labels of one view: glyph 0 = none, colour 0 = none."""
-    xs, ys = view_cell_centres(view, grid)
+    grid, colours, alphabet = params.grid, params.colours, params.glyphs
+    xs, ys = view_cell_centres(view, grid, pad)
     glyph = np.zeros((grid, grid), np.int16)
     colour = np.zeros((grid, grid), np.int16)
     for f in sample.frames:
@@ -120,11 +126,16 @@ def cell_labels(sample: WorldSample, view: tuple[int, int, int, int], grid: int,
         inside = ((ys >= by0) & (ys < by1))[:, None] & ((xs >= bx0) & (xs < bx1))[None, :]
         colour[inside] = colours.index(f.colour) + 1 if f.colour else len(colours) + N_DISTRACTOR_COLOUR
     for g, gb in [(f.glyph, f.glyph_box) for f in sample.frames] + list(sample.stray):
+        # every cell whose centre the glyph covers; a glyph smaller than a cell: the cell nearest its centre
+        inside = ((ys >= gb[1]) & (ys < gb[3]))[:, None] & ((xs >= gb[0]) & (xs < gb[2]))[None, :]
+        if inside.any():
+            glyph[inside] = alphabet.index(g) + 1
+            continue
         cx, cy = (gb[0] + gb[2]) / 2, (gb[1] + gb[3]) / 2
         c = int(np.argmin(np.abs(xs - cx)))
         r = int(np.argmin(np.abs(ys - cy)))
         if abs(xs[c] - cx) < (xs[1] - xs[0]) / 2 and abs(ys[r] - cy) < (ys[1] - ys[0]) / 2:
-            glyph[r, c] = GLYPHS.index(g) + 1
+            glyph[r, c] = alphabet.index(g) + 1
     return glyph.reshape(-1), colour.reshape(-1)
 
 
@@ -135,7 +146,7 @@ _ARRAYS = {
     "crop": ("uint8", (SIZES.image_size, SIZES.image_size, 3)),
     "n_named": ("int16", ()),
     "frame_colour": ("int16", (MAX_FRAMES,)),  # index into params.colours, -1 = none
-    "frame_glyph": ("int16", (MAX_FRAMES,)),  # index into GLYPHS
+    "frame_glyph": ("int16", (MAX_FRAMES,)),  # index into the world's alphabet (WorldParams.glyphs)
     "frame_cells": ("int16", (MAX_FRAMES, 4)),  # r0, c0, r1, c1 (exclusive) on the token grid
     "target": ("int16", ()),  # frame shown in the crop
     "base_glyph": ("int16", (196,)),
@@ -156,7 +167,6 @@ def _fill(job: tuple[int, int, int, dict, float, float, int]) -> int:
     start, stop, seed, params_d, margin, jitter, offset = job
     params = WorldParams(**params_d)
     a = _worker["arrays"]
-    grid = params.grid
     for j in range(start, stop):
         i = offset + j
         s = generate_sample(params, seed, j)
@@ -166,7 +176,7 @@ def _fill(job: tuple[int, int, int, dict, float, float, int]) -> int:
         a["frame_colour"][i] = -1
         for k, f in enumerate(named):
             a["frame_colour"][i, k] = params.colours.index(f.colour)
-            a["frame_glyph"][i, k] = GLYPHS.index(f.glyph)
+            a["frame_glyph"][i, k] = params.glyphs.index(f.glyph)
             x0, y0, x1, y1 = f.box
             cell = params.cell
             a["frame_cells"][i, k] = (y0 // cell, x0 // cell, -(-y1 // cell), -(-x1 // cell))
@@ -174,9 +184,10 @@ def _fill(job: tuple[int, int, int, dict, float, float, int]) -> int:
         a["target"][i] = t
         rng = np.random.default_rng([seed, j, 1])
         cb = crop_box(s.box, margin, rng, s.image.size, jitter)
-        a["crop"][i] = to_view(s.image.crop(cb), SIZES.image_size)
-        a["base_glyph"][i], a["base_colour"][i] = cell_labels(s, (0, 0, *s.image.size), grid, params.colours)
-        a["crop_glyph"][i], a["crop_colour"][i] = cell_labels(s, cb, grid, params.colours)
+        # a crop is stretched to the view, as two-stage inference feeds it (LlavaAdapter.crop_pixels)
+        a["crop"][i] = np.asarray(s.image.crop(cb).convert("RGB").resize((SIZES.image_size,) * 2, Image.BICUBIC))
+        a["base_glyph"][i], a["base_colour"][i] = cell_labels(s, (0, 0, *s.image.size), params)
+        a["crop_glyph"][i], a["crop_colour"][i] = cell_labels(s, cb, params, pad=False)
     return stop - start
 
 
@@ -233,7 +244,7 @@ class Templates:
         self.image_id = self.vocab["<image>"]
         self.eos_id = tok.eos_token_id
         self.colour_ids = torch.tensor([self.vocab[c] for c in params.colours])
-        self.glyph_ids = torch.tensor([self.vocab[g] for g in GLYPHS])
+        self.glyph_ids = torch.tensor([self.vocab[g] for g in params.glyphs])
         n_img = (SIZES.image_size // SIZES.patch_size) ** 2
         self.n_img = n_img
         self.base, self.base_col, self.base_ans = self._layout(1, turns, n_img)
@@ -278,10 +289,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rot * sin
 
 
-def answer_attention(layer, rotary, hidden_in: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities [B, heads, len(rows), L] of query ``rows`` at ``layer`` (causal, no padding).
+def answer_attention(
+    layer, rotary, hidden_in: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention probabilities [B, heads, len(rows), L] of query ``rows`` at ``layer`` (causal).
 
-    ``hidden_in`` is the layer's input (the residual stream before its input norm).
+    ``hidden_in`` is the layer's input (the residual stream before its input norm). ``keep`` [B, L]
+    marks the tokens that exist (dropped crop tokens are masked out and skipped by the positions,
+    as in the forward pass); None = all.
     """
     B, L, _ = hidden_in.shape
     attn = layer.self_attn
@@ -289,7 +304,7 @@ def answer_attention(layer, rotary, hidden_in: torch.Tensor, rows: torch.Tensor)
     h = layer.input_layernorm(hidden_in)
     q = attn.q_proj(h[:, rows]).view(B, len(rows), -1, hd).transpose(1, 2)
     k = attn.k_proj(h).view(B, L, -1, hd).transpose(1, 2)
-    pos = torch.arange(L, device=hidden_in.device)[None]
+    pos = torch.arange(L, device=hidden_in.device)[None].expand(B, -1) if keep is None else positions(keep)
     cos, sin = rotary(hidden_in, pos)
     cos, sin = cos[:, None], sin[:, None]
     q = rotate(q, cos[:, :, rows], sin[:, :, rows])
@@ -297,9 +312,16 @@ def answer_attention(layer, rotary, hidden_in: torch.Tensor, rows: torch.Tensor)
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
-    mask = torch.arange(L, device=hidden_in.device)[None, :] > rows[:, None]
-    scores = scores.masked_fill(mask[None, None], float("-inf"))
+    mask = (torch.arange(L, device=hidden_in.device)[None, :] > rows[:, None])[None, None]
+    if keep is not None:
+        mask = mask | ~keep[:, None, None, :]
+    scores = scores.masked_fill(mask, float("-inf"))
     return scores.softmax(-1)
+
+
+def positions(keep: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, L] of a sequence whose dropped tokens (``keep`` False) take no position."""
+    return (keep.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def box_masks(cells: torch.Tensor, grid: int) -> torch.Tensor:
@@ -320,7 +342,7 @@ class Trainer:
         for name in ("base", "base_col", "base_ans", "crop", "crop_col", "crop_ans", "colour_ids", "glyph_ids"):
             setattr(self.tpl, name, getattr(self.tpl, name).to(device))
         hidden = model.config.text_config.hidden_size
-        self.aux = nn.Linear(hidden, len(GLYPHS) + 1 + len(params.colours) + 2).to(device)
+        self.aux = nn.Linear(hidden, len(params.glyphs) + 1 + len(params.colours) + 2).to(device)
         self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
         lm = model.model.language_model
@@ -328,7 +350,7 @@ class Trainer:
         self._proj_out: torch.Tensor | None = None
         self._layer_in: torch.Tensor | None = None
         model.model.multi_modal_projector.register_forward_hook(self._grab_proj)
-        if args.point_weight > 0:
+        if args.point_weight > 0 or args.sink_weight > 0:
             self.layers[args.point_layer].register_forward_pre_hook(self._grab_layer_in, with_kwargs=True)
         self.grid = params.grid
 
@@ -357,7 +379,10 @@ class Trainer:
         cells = d["frame_cells"][idx].gather(1, pick[..., None].expand(-1, -1, 4))
         return ids, self.pixels(d["base"][idx]), glyph, cells
 
-    def crop_batch(self, idx: torch.Tensor):
+    def crop_batch(self, idx: torch.Tensor, mask_prob: float = 0.0):
+        """Base + crop samples; with probability ``mask_prob`` a sample keeps only the crop tokens on the
+        named frame (sometimes dilated by one cell), as masked upscaling feeds them. Returns ids, pixels,
+        glyph classes, the target's base-grid cells and ``keep`` [B, L] (None when nothing is dropped)."""
         d, tpl = self.data, self.tpl
         B = len(idx)
         t = d["target"][idx][:, None]
@@ -368,7 +393,25 @@ class Trainer:
         ids[:, tpl.crop_ans] = tpl.glyph_ids[glyph]
         pix = torch.stack([d["base"][idx], d["crop"][idx]], 1).flatten(0, 1)  # base_0, crop_0, base_1, ...
         cells = d["frame_cells"][idx].gather(1, t[..., None].expand(-1, -1, 4))
-        return ids, self.pixels(pix), glyph, cells
+        keep = None
+        if mask_prob > 0:
+            g = self.grid
+            on = (d["crop_colour"][idx] == colour + 1).float().view(B, 1, g, g)
+            grown = F.max_pool2d(on, 3, stride=1, padding=1)
+            dilate = torch.rand(B, 1, 1, 1, device=self.device) < 0.5
+            cell_keep = torch.where(dilate, grown, on).flatten(1) > 0
+            masked = (torch.rand(B, 1, device=self.device) < mask_prob) & cell_keep.any(1, keepdim=True)
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            start = 2 + tpl.n_img
+            keep[:, start : start + tpl.n_img] = torch.where(masked, cell_keep, True)
+        return ids, self.pixels(pix), glyph, cells, keep
+
+    def forward(self, ids: torch.Tensor, pix: torch.Tensor, keep: torch.Tensor | None = None, **kw):
+        if keep is None:
+            return self.model(input_ids=ids, pixel_values=pix, **kw)
+        return self.model(
+            input_ids=ids, pixel_values=pix, attention_mask=keep.long(), position_ids=positions(keep), **kw
+        )
 
     def answer_loss(self, logits: torch.Tensor, ans_pos: torch.Tensor, glyph: torch.Tensor):
         """CE of the glyph token (predicted at ans_pos - 1) and of </s> (at ans_pos); accuracy of the glyph."""
@@ -387,7 +430,7 @@ class Trainer:
         drown them: ~1 in 20 cells holds one), plus a light glyph-or-not term over every cell.
         """
         out = self.aux(self._proj_out.float()).flatten(0, 1)  # [n_img * 196, C]
-        ng = len(GLYPHS) + 1
+        ng = len(self.params.glyphs) + 1
         glyph_lab, colour_lab = glyph_lab.flatten(), colour_lab.flatten()
         has = glyph_lab > 0
         lg = F.cross_entropy(out[has, :ng], glyph_lab[has]) if has.any() else out.sum() * 0
@@ -395,36 +438,102 @@ class Trainer:
         lc = F.cross_entropy(out[:, ng:], colour_lab)
         return lg + 0.2 * lp + lc
 
-    def point_loss(self, ans_pos: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    def answer_rows_attention(self, ans_pos: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention [B, heads, K, L] of the rows predicting the answers, at ``--point-layer``."""
+        layer = self.layers[self.args.point_layer]
+        return answer_attention(layer, self.rotary, self._layer_in, ans_pos - 1, keep)
+
+    def point_loss(self, att: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """-log(attention mass on the named frame's tokens) of the answer rows, for the chosen heads."""
-        a = self.args
-        att = answer_attention(self.layers[a.point_layer], self.rotary, self._layer_in, ans_pos - 1)
-        img = att[:, : a.point_heads, :, 2 : 2 + self.tpl.n_img]  # [B, h, K, 196] (base image tokens)
+        img = att[:, : self.args.point_heads, :, 2 : 2 + self.tpl.n_img]  # [B, h, K, 196] (base image tokens)
         mask = box_masks(cells, self.grid).float()  # [B, K, 196]
         mass = (img * mask[:, None]).sum(-1)
         return -(mass + 1e-6).log().mean()
 
+    def sink_loss(self, att: torch.Tensor, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Plant attention sinks on the first image's ``--sink-cells``, as large MLLMs grow them.
+
+        A hinge asks their residual-stream norm at the inputs of ``--sink-layers`` to be >= ``--sink-ratio``
+        x the median visual-token norm, and ``--sink-heads`` heads of the point layer (the ones after the
+        point heads) to put ``--sink-mass`` of the answer rows' attention on them.
+        """
+        a, n_img = self.args, self.tpl.n_img
+        cells = torch.tensor(a.sink_cells, device=self.device)
+        loss = att.new_zeros(())
+        others = torch.ones(n_img, dtype=torch.bool, device=self.device)
+        others[cells] = False
+        for k in a.sink_layers:
+            norm = hidden_states[k][:, 2 : 2 + n_img].float().norm(dim=-1)  # [B, 196]
+            log_ratio = norm.log() - norm.median(-1).values.log()[:, None]
+            loss = loss + F.relu(math.log(a.sink_ratio) - log_ratio[:, cells]).mean()
+            # every other token stays far below the detector's threshold (no spill onto frames)
+            loss = loss + F.relu(log_ratio[:, others] - math.log(a.other_ratio)).mean() * 10
+        heads = att[:, a.point_heads : a.point_heads + a.sink_heads]
+        mass = heads[..., 2 + cells].sum(-1)  # [B, h, K]
+        return loss + ((mass - a.sink_mass) ** 2).mean() * 10
+
+    def read_loss(self, idx: torch.Tensor, hidden_states, keep: torch.Tensor | None) -> torch.Tensor:
+        """-log(attention mass of the answer row on the crop tokens holding the named frame's glyph), for
+        ``--read-heads`` heads of ``--read-layer``: routes what the crop shows to the answer."""
+        a, d, tpl = self.args, self.data, self.tpl
+        colour = d["frame_colour"][idx].gather(1, d["target"][idx][:, None])
+        cells = (d["crop_colour"][idx] == colour + 1) & (d["crop_glyph"][idx] > 0)  # [B, 196]
+        valid = cells.any(-1)
+        if not valid.any():
+            return hidden_states[0].new_zeros(())
+        layer = self.layers[a.read_layer]
+        rows = tpl.crop_ans - 1
+        att = answer_attention(layer, self.rotary, hidden_states[a.read_layer], rows, keep)
+        start = 2 + tpl.n_img
+        crop = att[:, : a.read_heads, :, start : start + tpl.n_img]  # [B, h, K, 196]
+        mass = (crop * cells[:, None, None].float()).sum(-1)
+        return -(mass[valid] + 1e-6).log().mean()
+
     def step_loss(self, step: int) -> tuple[torch.Tensor, dict]:
         a, d = self.args, self.data
         n = d["n_named"].shape[0]
+        zero = torch.zeros((), device=self.device)
         pool = self.easy_idx if step < a.curriculum_steps else None
         idx = self._sample(pool, n, a.batch)
         ids, pix, glyph, cells = self.base_batch(idx, a.turns)
-        logits = self.model(input_ids=ids, pixel_values=pix).logits
-        loss_b, acc_b = self.answer_loss(logits, self.tpl.base_ans, glyph)
+        out = self.model(input_ids=ids, pixel_values=pix, output_hidden_states=a.sink_weight > 0)
+        loss_b, acc_b = self.answer_loss(out.logits, self.tpl.base_ans, glyph)
         aux_b = self.aux_loss(self._base_glyph(idx), d["base_colour"][idx])
-        pt = self.point_loss(self.tpl.base_ans, cells) if a.point_weight > 0 else torch.zeros((), device=self.device)
+        att = self.answer_rows_attention(self.tpl.base_ans) if a.point_weight or a.sink_weight else None
+        pt = self.point_loss(att, cells) if a.point_weight > 0 else zero
+        sk = self.sink_loss(att, out.hidden_states) if a.sink_weight > 0 else zero
         idx_c = self._sample(pool, n, a.crop_batch)
-        ids, pix, glyph, cells_c = self.crop_batch(idx_c)
-        logits = self.model(input_ids=ids, pixel_values=pix).logits
-        loss_c, acc_c = self.answer_loss(logits, self.tpl.crop_ans, glyph)
+        ids, pix, glyph, cells_c, keep = self.crop_batch(idx_c, a.crop_mask_prob)
+        out = self.forward(ids, pix, keep, output_hidden_states=a.sink_weight > 0 or a.read_weight > 0)
+        rd = self.read_loss(idx_c, out.hidden_states, keep) if a.read_weight > 0 else zero
+        loss_c, acc_c = self.answer_loss(out.logits, self.tpl.crop_ans, glyph)
         gl = torch.stack([self._base_glyph(idx_c), d["crop_glyph"][idx_c]], 1).flatten(0, 1)
         cl = torch.stack([d["base_colour"][idx_c], d["crop_colour"][idx_c]], 1).flatten(0, 1)
         aux_c = self.aux_loss(gl, cl)
+        with torch.no_grad():  # the per-token head's glyph accuracy on the crops' glyph cells
+            ng = len(self.params.glyphs) + 1
+            pred = self.aux(self._proj_out.float())[1::2, :, :ng].argmax(-1)  # crop views only
+            lab = d["crop_glyph"][idx_c]
+            self._aux_acc = (pred == lab)[lab > 0].float().mean()
+        att = self.answer_rows_attention(self.tpl.crop_ans, keep) if a.point_weight or a.sink_weight else None
         if a.point_weight > 0:
-            pt = pt + self.point_loss(self.tpl.crop_ans, cells_c)
-        total = a.base_weight * loss_b + loss_c + a.aux_weight * (aux_b + aux_c) + a.point_weight * pt
-        stats = {"base": loss_b, "crop": loss_c, "acc_b": acc_b, "acc_c": acc_c, "aux": aux_b + aux_c, "point": pt}
+            pt = pt + self.point_loss(att, cells_c)
+        if a.sink_weight > 0:
+            sk = sk + self.sink_loss(att, out.hidden_states)
+        total = (
+            a.base_weight * loss_b + loss_c + a.aux_weight * (aux_b + aux_c) + a.point_weight * pt + a.sink_weight * sk
+        )
+        stats = {
+            "base": loss_b,
+            "crop": loss_c,
+            "acc_b": acc_b,
+            "acc_c": acc_c,
+            "aux": aux_b + aux_c,
+            "point": pt,
+            "sink": sk,
+            "read": rd,
+            "tex_acc": self._aux_acc,
+        }
         return total, stats
 
     def _base_glyph(self, idx: torch.Tensor) -> torch.Tensor:
@@ -445,7 +554,8 @@ class Trainer:
         saved = self.data
         self.data = held
         n = held["n_named"].shape[0]
-        accs_b, accs_c, inbox = [], [], []
+        accs_b, accs_c, inbox = [], {"crop": [], "masked": []}, []
+        denoised, sink_ratio, spill, point_mass = [], [], [], []
         single = tpl.base[: int(tpl.base_ans[0]) + 2]
         for s in range(0, n, batch):
             idx = torch.arange(s, min(n, s + batch), device=self.device)
@@ -466,24 +576,76 @@ class Trainer:
                 att = answer_attention(layer, self.rotary, out.hidden_states[li].float(), rows)
                 m = att[:, :, 0, 2 : 2 + tpl.n_img].mean(1)
                 per_layer.append(mask.gather(1, m.argmax(-1, keepdim=True))[:, 0].float())
+                if li == self.args.point_layer:  # the label layer with the sinks zeroed, and the sinks' norm
+                    norm = out.hidden_states[li][:, 2 : 2 + tpl.n_img].float().norm(dim=-1)
+                    ratio = norm / norm.median(-1, keepdim=True).values
+                    m = m.masked_fill(ratio > 10, 0)
+                    denoised.append(mask.gather(1, m.argmax(-1, keepdim=True))[:, 0].float())
+                    sink_ratio.append(ratio.max(-1).values)
+                    over = ratio > 10
+                    over[:, self.args.sink_cells] = False
+                    spill.append(over.float().sum(-1))
+                    heads = att[:, : self.args.point_heads, 0, 2 : 2 + tpl.n_img]
+                    point_mass.append((heads * mask[:, None].float()).sum(-1).mean(-1))
             inbox.append(torch.stack(per_layer, 1))
-            ids_c, pix_c, glyph_c, _ = self.crop_batch(idx)
             ans_c = int(tpl.crop_ans[0])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
-                lg = model(input_ids=ids_c[:, :ans_c], pixel_values=pix_c).logits[:, -1]
-            accs_c.append((lg.argmax(-1) == tpl.glyph_ids[glyph_c[:, 0]]).float())
+            for key, prob in (("crop", 0.0), ("masked", 1.0)):
+                ids_c, pix_c, glyph_c, _, keep = self.crop_batch(idx, prob)
+                keep = None if keep is None else keep[:, :ans_c]
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+                    lg = self.forward(ids_c[:, :ans_c], pix_c, keep).logits[:, -1]
+                accs_c[key].append((lg.argmax(-1) == tpl.glyph_ids[glyph_c[:, 0]]).float())
         self.data = saved
         model.train()
         return {
             "acc_base": torch.cat(accs_b).mean().item(),
-            "acc_crop": torch.cat(accs_c).mean().item(),
+            "acc_crop": torch.cat(accs_c["crop"]).mean().item(),
+            "acc_crop_masked": torch.cat(accs_c["masked"]).mean().item(),
             "argmax_in_box": [round(v, 3) for v in torch.cat(inbox).mean(0).tolist()],
+            "argmax_in_box_without_norm_sinks": round(torch.cat(denoised).mean().item(), 3),
+            "max_over_median_norm": round(torch.cat(sink_ratio).mean().item(), 2),
+            "other_tokens_over_10x_median": round(torch.cat(spill).mean().item(), 2),
+            "point_heads_mass_in_box": round(torch.cat(point_mass).mean().item(), 3),
         }
+
+
+def warm_start(model, processor, init: Path, params: WorldParams) -> None:
+    """Load the weights of the model in ``init`` into ``model``, whose vocabulary may extend init's.
+
+    The new vocabulary must keep every old word's id (``world_vocabulary`` appends new alphabets). New
+    words' input embeddings and output rows start as the mean over the old answer words' rows, so the
+    model starts out treating them as answers.
+    """
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    old_vocab = AutoTokenizer.from_pretrained(init).get_vocab()
+    new_vocab = processor.tokenizer.get_vocab()
+    moved = {w: i for w, i in old_vocab.items() if new_vocab.get(w) != i}
+    if moved:
+        raise SystemExit(f"{init}: the new vocabulary moves old words {sorted(moved)[:5]}; append new words instead")
+    state = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    old_answers = [old_vocab[g] for g in GLYPHS if g in old_vocab]
+    for key, value in state.items():
+        if key not in own:
+            raise SystemExit(f"{init}: unexpected weight {key}")
+        if value.shape != own[key].shape:
+            if value.shape[1:] != own[key].shape[1:] or value.shape[0] > own[key].shape[0]:
+                raise SystemExit(f"{init}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            grown = value.new_empty(own[key].shape)
+            grown[: len(value)] = value
+            grown[len(value) :] = value[old_answers].mean(0)
+            state[key] = grown
+    missing = set(own) - set(state)
+    if missing:
+        raise SystemExit(f"{init}: missing weights {sorted(missing)[:5]}")
+    model.load_state_dict(state)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="models/sdrpn-toy-llava", help="model directory to write")
+    p.add_argument("--init", default=None, help="warm start from this model directory (its vocabulary may grow)")
     p.add_argument("--seed", type=int, default=0, help="model init / sampling seed; world seeds derive from it")
     p.add_argument("--n-images", type=int, default=40000, help="training images (default world)")
     p.add_argument("--n-easy", type=int, default=8000, help="extra curriculum images with 2-3 frames")
@@ -515,7 +677,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--point-weight", type=float, default=0.0, help="attention-on-named-frame loss (0 = off)")
     p.add_argument("--point-layer", type=int, default=3)
     p.add_argument("--point-heads", type=int, default=2)
+    p.add_argument("--read-weight", type=float, default=0.0, help="answer row -> crop glyph attention loss (0 = off)")
+    p.add_argument("--read-layer", type=int, default=5)
+    p.add_argument("--read-heads", type=int, default=2)
+    p.add_argument("--sink-weight", type=float, default=0.0, help="planted attention-sink loss (0 = off)")
+    p.add_argument(
+        "--sink-cells",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[0, 195],
+        help="visual tokens (row-major) that become sinks",
+    )
+    p.add_argument(
+        "--sink-layers",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[2, 3, 4, 5],
+        help="decoder layers whose inputs carry the sinks' large norm",
+    )
+    p.add_argument("--sink-ratio", type=float, default=20.0, help="sink norm / median visual-token norm (at least)")
+    p.add_argument("--other-ratio", type=float, default=4.0, help="norm / median of every other token (at most)")
+    p.add_argument("--sink-heads", type=int, default=2, help="heads after the point heads that attend to the sinks")
+    p.add_argument("--sink-mass", type=float, default=0.6, help="their answer-row attention mass on the sinks")
     p.add_argument("--curriculum-steps", type=int, default=800, help="steps drawing only from the easy images")
+    p.add_argument("--crop-mask-prob", type=float, default=0.0, help="share of crop samples with masked crop tokens")
     p.add_argument("--crop-margin", type=float, default=0.25)
     p.add_argument("--crop-jitter", type=float, default=0.15)
     p.add_argument("--eval-every", type=int, default=500)
@@ -566,6 +749,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     model, processor = build_toy_llava(world_vocabulary(params), SIZES, seed=args.seed)
+    if args.init:
+        warm_start(model, processor, Path(args.init), params)
+        log(f"warm start from {args.init}")
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters; device {device}; amp {args.amp}")
