@@ -118,8 +118,9 @@ class WorldParams:
     border_px: int = 4  # frame border thickness, source px (inside the box)
     paper: int = 190  # grey level of a frame's interior before the tint (leaves headroom for the glyph pattern)
     tint: float = 0.3  # frame interior = paper grey blended with this share of the frame colour
-    # "texture" (default): the glyph is a square patch of one of TEXTURES (rows, columns, checks of 1-px
-    # period, or nothing), which a 2x downscale flattens (unreadable at the base view) and a crop shows.
+    # "texture" (default): the glyph is one of TEXTURES (rows, columns, checks of 1-px period, or nothing)
+    # filling the frame's interior (texture_fill) or a square patch in one cell; a 2x downscale flattens it
+    # (unreadable at the base view) and a crop shows it.
     # "checker": a 5x7 font character whose pixels are +-contrast in a 1-px checkerboard (also cancelled
     # at the base view, but hard for a small model to learn to read); "solid": dark ink, readable at base.
     glyph_style: str = "texture"
