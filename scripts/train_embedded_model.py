@@ -521,7 +521,12 @@ class Trainer:
         if a.sink_weight > 0:
             sk = sk + self.sink_loss(att, out.hidden_states)
         total = (
-            a.base_weight * loss_b + loss_c + a.aux_weight * (aux_b + aux_c) + a.point_weight * pt + a.sink_weight * sk
+            a.base_weight * loss_b
+            + loss_c
+            + a.aux_weight * (aux_b + aux_c)
+            + a.point_weight * pt
+            + a.sink_weight * sk
+            + a.read_weight * rd
         )
         stats = {
             "base": loss_b,
