@@ -1,9 +1,9 @@
 """A small Python API for one-off use: answer a question about an image with a trained RPN.
 
-    from pipeline.api import SDRPN
-    sd = SDRPN.from_pretrained("models/sdrpn-toy-llava", "artifacts/rpn")
-    ans = sd.answer("photo.png", "what is in the red box ?")
-    ans.text, ans.crop_boxes, ans.prob_map
+from pipeline.api import SDRPN
+sd = SDRPN.from_pretrained("models/sdrpn-toy-llava", "artifacts/rpn")
+ans = sd.answer("photo.png", "what is in the red box ?")
+ans.text, ans.crop_boxes, ans.prob_map
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pipeline.images import load_image
 from pipeline.models import load_adapter
 from pipeline.roi import RoIParams
 from pipeline.rpn import RPN
-from pipeline.two_stage import two_stage_batch
+from pipeline.two_stage import Stage1Output, two_stage_batch
 
 
 @dataclass
@@ -60,8 +60,9 @@ class SDRPN:
     ) -> list[Answer]:
         """Answer several questions (batched); images may be PIL images, paths or fsspec URLs."""
         pil = [load_image(im) if isinstance(im, str | Path) else im.convert("RGB") for im in images]
-        maps = rpn_maps(self.rpn)(pil, questions)
-        rows, rois = two_stage_batch(self.adapter, pil, questions, maps, self.roi, max_new_tokens)
+        stage1 = rpn_maps(self.rpn, reuse_prefix=True)(pil, questions)
+        maps = stage1.maps if isinstance(stage1, Stage1Output) else stage1
+        rows, rois = two_stage_batch(self.adapter, pil, questions, stage1, self.roi, max_new_tokens)
         return [
             Answer(r["response"], r["crop_boxes"], r["grid_boxes"], m, roi.mask)
             for r, m, roi in zip(rows, maps, rois, strict=True)

@@ -11,6 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ from pipeline.models.base import ModelAdapter
 from pipeline.roi import RoI, RoIParams
 from pipeline.rpn import RPN
 from pipeline.scoring import score
-from pipeline.two_stage import two_stage_batch
+from pipeline.two_stage import Stage1Output, two_stage_batch
 
 PREDICTION_COLUMNS = pa.schema(
     [
@@ -57,17 +58,25 @@ class EvalParams:
     raw_attention_layers: list[int] = field(default_factory=lambda: [4])
     raw_attention_tau: float = 0.3  # on the map divided by its max
     raw_attention_last_prompt: bool = False  # add the row that produced the first answer token (as dump)
+    reuse_prefix: bool = True  # stage 2 starts from stage 1's cache of the shared prefix (same answers, faster)
 
 
-def rpn_maps(rpn: RPN) -> Callable[[list[Image.Image], list[str]], list[np.ndarray]]:
-    """Stage 1: one partial forward (frozen B layers + RPN) -> sigmoid map on each image's grid."""
+def rpn_maps(rpn: RPN, reuse_prefix: bool = False) -> Callable[[list[Image.Image], list[str]], Any]:
+    """Stage 1: one partial forward (frozen B layers + RPN) -> sigmoid map on each image's grid.
+
+    With ``reuse_prefix`` (and an adapter that supports it) the callable returns a :class:`Stage1Output` that
+    also carries the prefix cache for stage 2; otherwise the list of maps.
+    """
     adapter = rpn.adapter
+    reuse = reuse_prefix and adapter.supports_prefix_reuse
 
     @torch.no_grad()
-    def maps(images: list[Image.Image], questions: list[str]) -> list[np.ndarray]:
+    def maps(images: list[Image.Image], questions: list[str]) -> list[np.ndarray] | Stage1Output:
         batch = adapter.build_batch(images, [adapter.render_prompt(q) for q in questions]).to(adapter.device)
-        prob = torch.sigmoid(rpn(batch).float()).cpu().numpy()
-        return [p[: h * w].reshape(h, w) for p, (h, w) in zip(prob, batch.grids, strict=True)]
+        logits, prefix = rpn.stage1(batch) if reuse else (rpn(batch), None)
+        prob = torch.sigmoid(logits.float()).cpu().numpy()
+        out = [p[: h * w].reshape(h, w) for p, (h, w) in zip(prob, batch.grids, strict=True)]
+        return Stage1Output(out, prefix) if reuse else out
 
     return maps
 
@@ -147,7 +156,7 @@ def evaluate_manifest(
                 roi_params = RoIParams(**{**params.roi, "mode": mode})
                 t0 = time.perf_counter()
                 results[method] = two_stage_batch(
-                    adapter, images, questions, rpn_maps(rpn), roi_params, params.max_new_tokens
+                    adapter, images, questions, rpn_maps(rpn, params.reuse_prefix), roi_params, params.max_new_tokens
                 )
                 seconds[method] += time.perf_counter() - t0
         if params.raw_attention:

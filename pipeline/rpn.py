@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.models.base import Batch, ModelAdapter
+from pipeline.prefix_cache import PrefixState, prefix_state
 
 GRID_CONVENTION = "row-major visual tokens of the first image"
 WEIGHTS_NAME = "rpn.safetensors"
@@ -64,11 +65,13 @@ class BackboneOutput:
 
 
 @torch.no_grad()
-def run_backbone(adapter: ModelAdapter, batch: Batch, B: int) -> BackboneOutput:
+def run_backbone(adapter: ModelAdapter, batch: Batch, B: int, keep_cache: bool = False) -> BackboneOutput:
     """Run the frozen model up to (not including) decoder layer ``B`` and capture that layer's inputs.
 
     The ordinary model forward does the image merging and builds the mask and rotary embeddings exactly as
-    generation would; the pre-hook stops it before any deeper layer, the final norm or the LM head.
+    generation would; the pre-hook stops it before any deeper layer, the final norm or the LM head. With
+    ``keep_cache`` the forward fills a KV cache for layers ``0..B-1``, left in ``layer_kwargs`` under the
+    forward's cache keyword (``layer_kwargs`` otherwise carries no cache).
     """
     captured: dict[str, Any] = {}
 
@@ -79,14 +82,20 @@ def run_backbone(adapter: ModelAdapter, batch: Batch, B: int) -> BackboneOutput:
 
     handle = adapter.decoder_layers[B].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        adapter.model(**adapter.forward_inputs(batch), use_cache=False)
+        adapter.model(**adapter.forward_inputs(batch), use_cache=keep_cache)
     except _StopForward:
         pass
     else:  # pragma: no cover - the hook always fires
         raise RuntimeError(f"the forward never reached decoder layer {B}")
     finally:
         handle.remove()
-    return BackboneOutput(hidden=captured["hidden"], layer_kwargs=captured["kwargs"])
+    kwargs = captured["kwargs"] if keep_cache else without_cache(captured["kwargs"])
+    return BackboneOutput(hidden=captured["hidden"], layer_kwargs=kwargs)
+
+
+def without_cache(layer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Decoder-layer kwargs minus the KV cache: the RPN's copied layers must not write into the model's cache."""
+    return {k: v for k, v in layer_kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
 
 
 def take_positions(pe: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -207,7 +216,16 @@ class RPN(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """(B, V) float32 logits over each sample's visual tokens; padded visual slots get the float32 minimum."""
-        bb = run_backbone(self.adapter, batch, self.B)
+        return self._run(run_backbone(self.adapter, batch, self.B), batch)
+
+    @torch.no_grad()
+    def stage1(self, batch: Batch) -> tuple[torch.Tensor, PrefixState]:
+        """Inference: the logits of :meth:`forward`, plus what stage 2 reuses of the backbone's work."""
+        bb = run_backbone(self.adapter, batch, self.B, keep_cache=True)
+        state = prefix_state(self.adapter, batch, self.B, bb.hidden, bb.layer_kwargs)
+        return self._run(BackboneOutput(bb.hidden, without_cache(bb.layer_kwargs)), batch), state
+
+    def _run(self, bb: BackboneOutput, batch: Batch) -> torch.Tensor:
         # The RPN's residual stream is float32 like its weights; under autocast its matmuls still run in bf16.
         h = bb.hidden.to(next(self.layers.parameters()).dtype)
         for layer in self.layers[:-1]:

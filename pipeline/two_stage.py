@@ -17,6 +17,10 @@ of transformers.
 
 A sample without crops gets exactly the baseline prompt and inputs, so its answer is the one
 :func:`pipeline.decode.decode_batch` gives.
+
+When stage 1 hands over its prefix cache (:class:`Stage1Output`, from ``rpn_maps(rpn, reuse_prefix=True)``),
+stage 2 neither encodes the original view again nor runs the first ``B`` layers over the prompt's shared
+prefix (:mod:`pipeline.prefix_cache`); the answers are the same.
 """
 
 from __future__ import annotations
@@ -30,10 +34,23 @@ from PIL import Image
 
 from pipeline.decode import response_row
 from pipeline.models.base import ModelAdapter, Stage2Inputs
+from pipeline.prefix_cache import PrefixState, prefix_generate_inputs
 from pipeline.roi import RoI, RoIParams, UpscaleMode, postprocess
 
 SourceBox = tuple[int, int, int, int]  # (x0, y0, x1, y1) source pixels, far edge exclusive
-MapSource = Sequence[np.ndarray] | Callable[[list[Image.Image], list[str]], Sequence[np.ndarray]]
+
+
+@dataclass
+class Stage1Output:
+    """Stage 1's RoI maps, and (when it kept them) what stage 2 can reuse of its forward."""
+
+    maps: Sequence[np.ndarray]
+    prefix: PrefixState | None = None
+
+
+MapSource = (
+    Sequence[np.ndarray] | Stage1Output | Callable[[list[Image.Image], list[str]], Sequence[np.ndarray] | Stage1Output]
+)
 
 
 @dataclass
@@ -110,7 +127,11 @@ def crop_grid(adapter: ModelAdapter, box: SourceBox) -> tuple[int, int]:
 
 @torch.no_grad()
 def build_stage2_inputs(
-    adapter: ModelAdapter, images: list[Image.Image], questions: list[str], crops: list[list[Crop]]
+    adapter: ModelAdapter,
+    images: list[Image.Image],
+    questions: list[str],
+    crops: list[list[Crop]],
+    encode_originals: bool = True,
 ) -> Stage2Inputs:
     """Left-padded ids, attention mask and ``inputs_embeds`` (plus positions where the family needs them).
 
@@ -129,7 +150,9 @@ def build_stage2_inputs(
             if c.n_tokens(grid) > 0:
                 kept.append(c)
         used.append(kept)
-    return adapter.stage2_inputs(images, questions, used)
+    if encode_originals:
+        return adapter.stage2_inputs(images, questions, used)
+    return adapter.stage2_inputs(images, questions, used, encode_originals=False)
 
 
 @torch.no_grad()
@@ -139,11 +162,17 @@ def generate_with_crops(
     questions: list[str],
     crops: list[list[Crop]],
     max_new_tokens: int,
+    prefix: PrefixState | None = None,
 ) -> list[dict]:
-    """Greedy answers from the original view plus each sample's crops (none: the baseline answer)."""
-    inputs = build_stage2_inputs(adapter, images, questions, crops)
+    """Greedy answers from the original view plus each sample's crops (none: the baseline answer).
+
+    With ``prefix`` (stage 1's :class:`~pipeline.prefix_cache.PrefixState` for the same rows) the shared prompt
+    prefix comes from stage 1's cache instead of being encoded again (same answers, less work).
+    """
+    reuse = prefix is not None and adapter.supports_prefix_reuse
+    inputs = build_stage2_inputs(adapter, images, questions, crops, encode_originals=not reuse)
     out = adapter.model.generate(
-        **inputs.model_inputs(),
+        **(prefix_generate_inputs(adapter, prefix, inputs) if reuse else inputs.model_inputs()),
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
@@ -173,11 +202,15 @@ def two_stage_batch(
     """SD-RPN inference for one batch: RoI maps -> post-processing -> crops -> greedy answers.
 
     ``maps`` holds one (H, W) probability map on each image's visual grid, or is a callable
-    ``(images, questions) -> maps`` (the RPN's stage 1, or raw attention). Returns the answer rows
-    (with ``grid_boxes``, ``enclosing``, ``crop_boxes``, ``n_crop_tokens``) and the RoIs.
+    ``(images, questions) -> maps`` (the RPN's stage 1, or raw attention); a :class:`Stage1Output` (or a callable
+    returning one) also hands stage 2 the prefix cache. Returns the answer rows (with ``grid_boxes``,
+    ``enclosing``, ``crop_boxes``, ``n_crop_tokens``) and the RoIs.
     """
     params = params or RoIParams()
     prob = maps(images, questions) if callable(maps) else maps
+    prefix = None
+    if isinstance(prob, Stage1Output):
+        prob, prefix = prob.maps, prob.prefix
     if len(prob) != len(images):
         raise ValueError(f"{len(prob)} maps for {len(images)} images")
     for m, im in zip(prob, images, strict=True):
@@ -185,7 +218,7 @@ def two_stage_batch(
             raise ValueError(f"map of shape {np.shape(m)} for a {adapter.visual_grid(im.width, im.height)} grid")
     rois = [postprocess(np.asarray(m), params) for m in prob]
     crops = [crops_from_roi(r, adapter, im.width, im.height, params.mode) for r, im in zip(rois, images, strict=True)]
-    rows = generate_with_crops(adapter, images, questions, crops, max_new_tokens)
+    rows = generate_with_crops(adapter, images, questions, crops, max_new_tokens, prefix)
     for row, roi in zip(rows, rois, strict=True):
         row["grid_boxes"] = [list(b) for b in roi.boxes]
         row["enclosing"] = list(roi.enclosing) if roi.enclosing is not None else None

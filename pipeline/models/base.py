@@ -155,14 +155,29 @@ class ModelAdapter(ABC):
         """
 
     def stage2_inputs(
-        self, images: list[Image.Image], questions: list[str], crops: Sequence[Sequence[Crop]]
+        self,
+        images: list[Image.Image],
+        questions: list[str],
+        crops: Sequence[Sequence[Crop]],
+        encode_originals: bool = True,
     ) -> Stage2Inputs:
         """Stage-2 inputs: each image's original view, then its crops' kept tokens, then the question.
 
         ``crops`` holds, per sample, crops that keep at least one token, with keep-masks (if any) on the crop's
         grid ``visual_grid(box width, box height)``. A sample without crops gets exactly its baseline prompt.
+        ``encode_originals=False`` leaves the original views' embeddings as zeros (for callers that take the
+        prefix from a cache, :mod:`pipeline.prefix_cache`).
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement two-stage inference")
+
+    #: Whether stage 2 may start from stage 1's cache of the shared prefix (:mod:`pipeline.prefix_cache`):
+    #: needs positions that count real tokens from each row's first one (1-D rotary from the padding mask).
+    supports_prefix_reuse: bool = False
+
+    def prefix_end(self, batch: Batch) -> torch.Tensor:
+        """(B,) first column after the first image's tokens in each row of ``batch``: the prompt prefix that
+        stage 1 and stage 2 share."""
+        raise NotImplementedError(f"{type(self).__name__} does not share a prefix between the stages")
 
     def embed_with_visual(
         self, rows: list[list[int]], features: list[torch.Tensor]

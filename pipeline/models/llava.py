@@ -141,9 +141,18 @@ class LlavaAdapter(ModelAdapter):
         text = parts[0] + "".join(tok * n + part for n, part in zip(counts, parts[1:], strict=True))
         return list(self.tokenizer(text)["input_ids"])
 
+    supports_prefix_reuse = True
+
+    def prefix_end(self, batch: Batch) -> torch.Tensor:
+        return batch.visual_index[:, -1] + 1  # the chat template's opening, then the image: nothing else before
+
     @torch.no_grad()
     def stage2_inputs(
-        self, images: list[Image.Image], questions: list[str], crops: Sequence[Sequence[Crop]]
+        self,
+        images: list[Image.Image],
+        questions: list[str],
+        crops: Sequence[Sequence[Crop]],
+        encode_originals: bool = True,
     ) -> Stage2Inputs:
         """Original views, then each crop stretched to the base view (its kept tokens only), then the question.
 
@@ -153,12 +162,18 @@ class LlavaAdapter(ModelAdapter):
         n_full = grid[0] * grid[1]
         used = [list(cs) for cs in crops]
         # One vision forward for every original view and crop of the batch.
-        pixels = [self.processor.image_processor(images, return_tensors="pt")["pixel_values"]]
+        pixels = []
+        if encode_originals:
+            pixels.append(self.processor.image_processor(images, return_tensors="pt")["pixel_values"])
         crop_images = [im for im, cs in zip(images, used, strict=True) for _ in cs]
         if crop_images:
             pixels.append(self.crop_pixels(crop_images, [c.box for cs in used for c in cs]))
-        feats = self.image_features(torch.cat(pixels))
-        orig_feats, crop_feats = feats[: len(images)], iter(feats[len(images) :])
+        feats = self.image_features(torch.cat(pixels)) if pixels else []
+        if encode_originals:
+            orig_feats, crop_feats = feats[: len(images)], iter(feats[len(images) :])
+        else:
+            blank = torch.zeros(n_full, self.model.config.text_config.hidden_size)
+            orig_feats, crop_feats = [blank] * len(images), iter(feats)
 
         prompts, rows, seq_feats, n_crop_tokens = [], [], [], []
         for i, (q, cs) in enumerate(zip(questions, used, strict=True)):
