@@ -439,9 +439,16 @@ class Trainer:
         return lg + 0.2 * lp + lc
 
     def answer_rows_attention(self, ans_pos: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention [B, heads, K, L] of the rows predicting the answers, at ``--point-layer``."""
+        """Attention [B, heads, K, L] at ``--point-layer`` of the rows ``--point-rows`` names: those predicting
+        the answers (``predict``), the answer tokens' own rows (``answer``: the response rows the dump
+        stage reads), or both (K doubles: predict rows first)."""
         layer = self.layers[self.args.point_layer]
-        return answer_attention(layer, self.rotary, self._layer_in, ans_pos - 1, keep)
+        rows = {"predict": ans_pos - 1, "answer": ans_pos, "both": torch.cat([ans_pos - 1, ans_pos])}
+        return answer_attention(layer, self.rotary, self._layer_in, rows[self.args.point_rows], keep)
+
+    def _point_cells(self, cells: torch.Tensor) -> torch.Tensor:
+        """The target cells [B, K, 4] lined up with ``answer_rows_attention``'s rows."""
+        return torch.cat([cells, cells], 1) if self.args.point_rows == "both" else cells
 
     def point_loss(self, att: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """-log(attention mass on the named frame's tokens) of the answer rows, for the chosen heads."""
@@ -470,6 +477,8 @@ class Trainer:
             loss = loss + F.relu(log_ratio[:, others] - math.log(a.other_ratio)).mean() * 10
         heads = att[:, a.point_heads : a.point_heads + a.sink_heads]
         mass = heads[..., 2 + cells].sum(-1)  # [B, h, K]
+        if a.sink_mass_loss == "log":  # keeps a gradient where a row gives the sinks almost nothing
+            return loss + ((mass + 1e-4).log() - math.log(a.sink_mass)).pow(2).mean()
         return loss + ((mass - a.sink_mass) ** 2).mean() * 10
 
     def read_loss(self, idx: torch.Tensor, hidden_states, keep: torch.Tensor | None) -> torch.Tensor:
@@ -500,7 +509,7 @@ class Trainer:
         loss_b, acc_b = self.answer_loss(out.logits, self.tpl.base_ans, glyph)
         aux_b = self.aux_loss(self._base_glyph(idx), d["base_colour"][idx])
         att = self.answer_rows_attention(self.tpl.base_ans) if a.point_weight or a.sink_weight else None
-        pt = self.point_loss(att, cells) if a.point_weight > 0 else zero
+        pt = self.point_loss(att, self._point_cells(cells)) if a.point_weight > 0 else zero
         sk = self.sink_loss(att, out.hidden_states) if a.sink_weight > 0 else zero
         idx_c = self._sample(pool, n, a.crop_batch)
         ids, pix, glyph, cells_c, keep = self.crop_batch(idx_c, a.crop_mask_prob)
@@ -517,7 +526,7 @@ class Trainer:
             self._aux_acc = (pred == lab)[lab > 0].float().mean()
         att = self.answer_rows_attention(self.tpl.crop_ans, keep) if a.point_weight or a.sink_weight else None
         if a.point_weight > 0:
-            pt = pt + self.point_loss(att, cells_c)
+            pt = pt + self.point_loss(att, self._point_cells(cells_c))
         if a.sink_weight > 0:
             sk = sk + self.sink_loss(att, out.hidden_states)
         total = (
@@ -561,6 +570,7 @@ class Trainer:
         n = held["n_named"].shape[0]
         accs_b, accs_c, inbox = [], {"crop": [], "masked": []}, []
         denoised, sink_ratio, spill, point_mass = [], [], [], []
+        answer_row: dict[str, list[torch.Tensor]] = {"raw": [], "denoised": [], "argmax": []}
         single = tpl.base[: int(tpl.base_ans[0]) + 2]
         for s in range(0, n, batch):
             idx = torch.arange(s, min(n, s + batch), device=self.device)
@@ -593,6 +603,19 @@ class Trainer:
                     heads = att[:, : self.args.point_heads, 0, 2 : 2 + tpl.n_img]
                     point_mass.append((heads * mask[:, None].float()).sum(-1).mean(-1))
             inbox.append(torch.stack(per_layer, 1))
+            # the dumped row: the model's own answer token fed back, as decode + dump do
+            own = out.logits[:, -1].argmax(-1, keepdim=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+                out2 = model(input_ids=torch.cat([ids[:, :ans], own], 1), pixel_values=pix, output_hidden_states=True)
+            li = self.args.point_layer
+            att = answer_attention(self.layers[li], self.rotary, out2.hidden_states[li].float(), rows + 1)
+            m = att[:, :, 0, 2 : 2 + tpl.n_img].mean(1)
+            norm = out2.hidden_states[li][:, 2 : 2 + tpl.n_img].float().norm(dim=-1)
+            sink = norm / norm.median(-1, keepdim=True).values > 10
+            for key, mm in (("raw", m), ("denoised", m.masked_fill(sink, 0))):
+                fg = mm >= 0.2 * mm.max(-1, keepdim=True).values
+                answer_row[key].append((fg & mask).sum(-1) / fg.sum(-1).clamp(min=1))
+            answer_row["argmax"].append(mask.gather(1, m.argmax(-1, keepdim=True))[:, 0].float())
             ans_c = int(tpl.crop_ans[0])
             for key, prob in (("crop", 0.0), ("masked", 1.0)):
                 ids_c, pix_c, glyph_c, _, keep = self.crop_batch(idx, prob)
@@ -611,6 +634,10 @@ class Trainer:
             "max_over_median_norm": round(torch.cat(sink_ratio).mean().item(), 2),
             "other_tokens_over_10x_median": round(torch.cat(spill).mean().item(), 2),
             "point_heads_mass_in_box": round(torch.cat(point_mass).mean().item(), 3),
+            # at --point-layer, on the answer token's row (the one the dump reads), the fg rule (0.2 a_max)
+            "answer_row_argmax_in_box": round(torch.cat(answer_row["argmax"]).mean().item(), 3),
+            "answer_row_fg_precision_raw": round(torch.cat(answer_row["raw"]).mean().item(), 3),
+            "answer_row_fg_precision_denoised": round(torch.cat(answer_row["denoised"]).mean().item(), 3),
         }
 
 
@@ -682,6 +709,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--point-weight", type=float, default=0.0, help="attention-on-named-frame loss (0 = off)")
     p.add_argument("--point-layer", type=int, default=3)
     p.add_argument("--point-heads", type=int, default=2)
+    p.add_argument(
+        "--point-rows",
+        choices=("predict", "answer", "both"),
+        default="predict",
+        help="rows the point and sink losses shape: predicting the answer, the answer token's (the dumped one), both",
+    )
     p.add_argument("--read-weight", type=float, default=0.0, help="answer row -> crop glyph attention loss (0 = off)")
     p.add_argument("--read-layer", type=int, default=5)
     p.add_argument("--read-heads", type=int, default=2)
@@ -702,6 +735,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--other-ratio", type=float, default=4.0, help="norm / median of every other token (at most)")
     p.add_argument("--sink-heads", type=int, default=2, help="heads after the point heads that attend to the sinks")
     p.add_argument("--sink-mass", type=float, default=0.6, help="their answer-row attention mass on the sinks")
+    p.add_argument(
+        "--sink-mass-loss",
+        choices=("sq", "log"),
+        default="sq",
+        help="sq: 10 (mass - target)^2 (vanishes on rows that ignore the sinks); log: (log mass - log target)^2",
+    )
     p.add_argument("--curriculum-steps", type=int, default=800, help="steps drawing only from the easy images")
     p.add_argument("--crop-mask-prob", type=float, default=0.0, help="share of crop samples with masked crop tokens")
     p.add_argument("--crop-margin", type=float, default=0.25)
@@ -777,6 +816,12 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     step = 0
     calib_at = min(200, args.warmup)
+    if args.init:  # where the warm start stands, for the record
+        ev = trainer.evaluate(held)
+        ev.update(step=0, seconds=0.0)
+        history.append(ev)
+        log(f"eval {json.dumps(ev)}")
+        t0 = time.time()  # the budget is for training
     while step < total:
         if args.time_budget > 0 and time.time() - t0 > 1.1 * args.time_budget:
             log(f"time budget exceeded at step {step}; stopping")
