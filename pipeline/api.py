@@ -1,9 +1,9 @@
 """A small Python API for one-off use: answer a question about an image with a trained RPN.
 
-from pipeline.api import SDRPN
-sd = SDRPN.from_pretrained("models/sdrpn-toy-llava", "artifacts/rpn")
-ans = sd.answer("photo.png", "what is in the red box ?")
-ans.text, ans.crop_boxes, ans.prob_map
+    from pipeline.api import SDRPN
+    sd = SDRPN.from_pretrained("models/sdrpn-toy-llava", "artifacts/rpn")
+    ans = sd.answer("photo.png", "what is in the red box ?")
+    ans.text, ans.crop_boxes, ans.prob_map
 """
 
 from __future__ import annotations
