@@ -9,6 +9,7 @@ Prints:
     python bench/bench_two_stage.py --preset embedded                       # CPU, the embedded default's shape
     python bench/bench_two_stage.py --preset llava7b --device cuda          # LLaVA-1.5-7B shape, bf16, B=15 R=3
     python bench/bench_two_stage.py --preset qwen7b --visual 4096 --device cuda   # Qwen2.5-VL-7B shape, B=16 R=3
+    python bench/bench_two_stage.py --preset embedded --R 1 --crop-size 112       # a shallower RPN, smaller crops
 
 Weights are random (no download); every answer is forced to the same length so both sides do equal work.
 The stage-2 crop is a fixed 4x4-token region per image (a typical RoI), so the timing does not depend on
@@ -40,14 +41,14 @@ PRESETS = {
 }
 
 
-def build(preset: dict, device: torch.device, dtype: torch.dtype, visual: int):
-    """A random-weight model of the preset's shape, wrapped in its adapter."""
+def build(preset: dict, device: torch.device, dtype: torch.dtype, visual: int, crop_size: int | None = None):
+    """A random-weight model of the preset's shape, wrapped in its adapter (LLaVA: stage-2 crops at ``crop_size``)."""
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             if preset["family"] == "llava":
                 model, processor = build_toy_llava(WORDS, preset["sizes"])
-                kwargs = {}
+                kwargs = {"crop_size": crop_size}
             else:
                 from pipeline.models.toy_qwen import build_toy_qwen, qwen25_vl_sizes
 
@@ -67,12 +68,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--visual", type=int, default=576, help="Qwen: visual tokens per image (576 or 4096)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--B", type=int, default=None, help="frozen layers (default: the preset's)")
+    ap.add_argument("--R", type=int, default=None, help="RPN layers (default: the preset's)")
+    ap.add_argument("--crop-size", type=int, default=None, help="LLaVA: stage-2 crop side, px (default: base view)")
     args = ap.parse_args()
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    preset.update({k: v for k, v in (("B", args.B), ("R", args.R)) if v is not None})
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bsz = args.batch or preset["batch"]
-    adapter = build(preset, device, dtype, args.visual)
+    adapter = build(preset, device, dtype, args.visual, args.crop_size)
     model = adapter.model
     model.generation_config.min_new_tokens = preset["new_tokens"]  # equal work on both sides
     rpn = RPN.from_base(adapter, preset["B"], preset["R"]).to(device).eval()
@@ -86,6 +91,7 @@ def main() -> None:
     print(
         f"preset {args.preset} on {device} ({dtype}), batch {bsz}, prompt {batch.inputs['input_ids'].shape[1]} "
         f"tokens, {h}x{w} visual grid, B={preset['B']} R={preset['R']}"
+        + (f", crops at {args.crop_size} px" if args.crop_size else "")
     )
 
     def stage1():

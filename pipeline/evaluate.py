@@ -59,6 +59,18 @@ class EvalParams:
     raw_attention_tau: float = 0.3  # on the map divided by its max
     raw_attention_last_prompt: bool = False  # add the row that produced the first answer token (as dump)
     reuse_prefix: bool = True  # stage 2 starts from stage 1's cache of the shared prefix (same answers, faster)
+    crop_size: int | None = None  # LLaVA: crops re-encoded at this square side (px) instead of the base view;
+    # the adapter is built with it (``load_adapter(..., crop_size=...)``), evaluate_manifest checks it was
+
+
+def check_crop_size(adapter: ModelAdapter, crop_size: int | None) -> None:
+    """Refuse an adapter not built with the ``crop_size`` the parameters ask for (the metrics would lie)."""
+    built = getattr(adapter, "crop_size", None)
+    if crop_size is not None and built != crop_size:
+        raise ValueError(
+            f"evaluate.crop_size is {crop_size} but the {adapter.family} adapter encodes crops at "
+            f"{built or 'the base view'}; build it with load_adapter(..., crop_size={crop_size})"
+        )
 
 
 def rpn_maps(rpn: RPN, reuse_prefix: bool = False) -> Callable[[list[Image.Image], list[str]], Any]:
@@ -137,6 +149,7 @@ def evaluate_manifest(
     ``rpns`` maps a method name to an RPN; ``main`` gets every upscaling mode in ``params.modes``,
     the others (ablations) masked upscaling only.
     """
+    check_crop_size(adapter, params.crop_size)
     rows_man = manifest.to_pylist()
     seconds: dict[str, float] = defaultdict(float)
     out: list[dict] = []

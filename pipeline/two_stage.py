@@ -11,7 +11,8 @@ forward builds them (embed the ids, masked-scatter the visual features) and deco
 ``inputs_embeds``, with explicit positions where the family needs them (Qwen2.5-VL's 3-D M-RoPE): no fork
 of transformers.
 
-- LLaVA (:class:`pipeline.models.llava.LlavaAdapter`): crops stretched to the base view, 1-D positions.
+- LLaVA (:class:`pipeline.models.llava.LlavaAdapter`): crops stretched to the base view (or to its
+  ``crop_size``, fewer tokens), 1-D positions.
 - Qwen2.5-VL (:class:`pipeline.models.qwen2_5_vl.Qwen25VLAdapter`): crops at the configured resolution
   (fixed size, or native within the pixel budget), positions as the model computes them for a second image.
 
@@ -117,12 +118,13 @@ def crops_from_roi(roi: RoI, adapter: ModelAdapter, width: int, height: int, mod
 
 
 def crop_grid(adapter: ModelAdapter, box: SourceBox) -> tuple[int, int]:
-    """The visual grid a crop is encoded on: the model's grid for an image of the crop's own size.
+    """The visual grid a crop is encoded on (:meth:`ModelAdapter.crop_grid` of the crop's own size).
 
-    LLaVA: its one fixed grid (the crop is stretched to the base view). Qwen2.5-VL: the fixed grid, or in native
-    mode the crop's own size within the pixel budget (a non-square crop gets a non-square grid).
+    LLaVA: its one fixed grid (the crop is stretched to the base view), or that of its ``crop_size``.
+    Qwen2.5-VL: the fixed grid, or in native mode the crop's own size within the pixel budget (a non-square
+    crop gets a non-square grid).
     """
-    return adapter.visual_grid(box[2] - box[0], box[3] - box[1])
+    return adapter.crop_grid(box[2] - box[0], box[3] - box[1])
 
 
 @torch.no_grad()

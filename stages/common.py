@@ -10,6 +10,7 @@ import click
 import yaml
 
 from pipeline.contracts import fingerprint
+from pipeline.models import adapter_options
 
 T = TypeVar("T")
 
@@ -74,3 +75,9 @@ def model_fingerprint(model_dir: str | Path) -> str:
     for f in sorted(d.glob("*.safetensors*")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()
+
+
+def stage2_adapter_options(model: dict[str, Any], evaluate: dict[str, Any]) -> dict[str, Any]:
+    """Adapter options for stages running two-stage inference: the ``model`` section's and ``evaluate.crop_size``."""
+    crop = evaluate.get("crop_size")
+    return {**adapter_options(model), **({"crop_size": int(crop)} if crop is not None else {})}

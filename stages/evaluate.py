@@ -11,9 +11,17 @@ import polars as pl
 
 from pipeline.contracts import read_parquet, write_parquet
 from pipeline.evaluate import EvalParams, evaluate_manifest
-from pipeline.models import adapter_options, load_adapter
+from pipeline.models import load_adapter
 from pipeline.rpn import RPN
-from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
+from stages.common import (
+    fingerprints,
+    load_section,
+    model_fingerprint,
+    params_option,
+    progress_option,
+    stage2_adapter_options,
+    to_dataclass,
+)
 
 
 def _named_dir(value: str) -> tuple[str, Path]:
@@ -47,7 +55,10 @@ def evaluate(
     params = to_dataclass(EvalParams, load_section(params_path, "evaluate"), "evaluate")
     manifest = read_parquet(manifest_path, "manifest")
     adapter = load_adapter(
-        model["path"], model.get("device", "auto"), model.get("dtype", "auto"), **adapter_options(model)
+        model["path"],
+        model.get("device", "auto"),
+        model.get("dtype", "auto"),
+        **stage2_adapter_options(model, asdict(params)),
     )
     rpns = {"sdrpn": RPN.load(adapter, rpn_dir).eval()}
     for name, path in map(_named_dir, ablations):

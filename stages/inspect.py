@@ -15,11 +15,11 @@ from pipeline.images import load_image
 from pipeline.inspect_view import SampleView, model_view, render
 from pipeline.label_presets import resolve_label_params
 from pipeline.labels import assign_labels
-from pipeline.models import adapter_options, load_adapter
+from pipeline.models import load_adapter
 from pipeline.roi import RoIParams
 from pipeline.rpn import RPN
 from pipeline.two_stage import two_stage_batch
-from stages.common import load_section, params_option
+from stages.common import load_section, params_option, stage2_adapter_options
 
 
 def _teacher_maps(store_path: Path, sample_id: str, params_path: Path) -> dict | None:
@@ -86,7 +86,10 @@ def inspect(
     model = load_section(params_path, "model")
     evaluate = load_section(params_path, "evaluate")
     adapter = load_adapter(
-        model["path"], model.get("device", "auto"), model.get("dtype", "auto"), **adapter_options(model)
+        model["path"],
+        model.get("device", "auto"),
+        model.get("dtype", "auto"),
+        **stage2_adapter_options(model, evaluate),
     )
     rpn = RPN.load(adapter, rpn_dir).eval() if rpn_dir.exists() else None
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,9 @@ class _GeomAdapter:
     def visual_grid(self, width, height):
         return G
 
+    def crop_grid(self, width, height):
+        return G
+
 
 # --- stage 2 on the tiny model -----------------------------------------------------------------
 

@@ -113,6 +113,10 @@ class ModelAdapter(ABC):
     def visual_grid(self, width: int, height: int) -> tuple[int, int]:
         """(grid_h, grid_w) of the visual tokens this model makes for a ``width`` x ``height`` image."""
 
+    def crop_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(grid_h, grid_w) a ``width`` x ``height`` stage-2 crop is encoded on: by default, that of an image."""
+        return self.visual_grid(width, height)
+
     @abstractmethod
     def source_box(self, grid_box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
         """Source pixels (x0, y0, x1, y1; far edge exclusive) under an inclusive grid box (y0, x0, y1, x1).
@@ -164,7 +168,7 @@ class ModelAdapter(ABC):
         """Stage-2 inputs: each image's original view, then its crops' kept tokens, then the question.
 
         ``crops`` holds, per sample, crops that keep at least one token, with keep-masks (if any) on the crop's
-        grid ``visual_grid(box width, box height)``. A sample without crops gets exactly its baseline prompt.
+        grid ``crop_grid(box width, box height)``. A sample without crops gets exactly its baseline prompt.
         ``encode_originals=False`` leaves the original views' embeddings as zeros (for callers that take the
         prefix from a cache, :mod:`pipeline.prefix_cache`).
         """

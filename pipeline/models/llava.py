@@ -22,6 +22,19 @@ class LlavaAdapter(ModelAdapter):
 
     family = "llava"
 
+    def __init__(self, model: nn.Module, processor, model_id: str, crop_size: int | None = None):
+        """``crop_size``: side in pixels of the square view stage-2 crops are encoded at (None: the base view).
+
+        A smaller side gives fewer crop tokens, ``(crop_size / patch)^2``, at the price of less zoom; the vision
+        tower's position embeddings are then interpolated (transformers' ``interpolate_pos_encoding``), which the
+        model may never have seen in training: measure before relying on it.
+        """
+        super().__init__(model, processor, model_id)
+        patch = int(model.config.vision_config.patch_size)
+        if crop_size is not None and (int(crop_size) <= 0 or int(crop_size) % patch):
+            raise ValueError(f"crop_size must be a positive multiple of the patch size {patch}, got {crop_size}")
+        self.crop_size = int(crop_size) if crop_size is not None else None
+
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
@@ -39,6 +52,15 @@ class LlavaAdapter(ModelAdapter):
 
     def visual_grid(self, width: int, height: int) -> tuple[int, int]:
         return self.grid_shape  # every image is fitted to the one square base view
+
+    @property
+    def crop_side(self) -> int:
+        """Side in pixels of the square view a stage-2 crop is stretched to."""
+        return self.crop_size or self.base_view
+
+    def crop_grid(self, width: int, height: int) -> tuple[int, int]:
+        side = self.crop_side // int(self.model.config.vision_config.patch_size)
+        return side, side
 
     @property
     def view_spec(self) -> ViewSpec:
@@ -107,14 +129,14 @@ class LlavaAdapter(ModelAdapter):
         return int(self.model.config.vision_config.image_size)
 
     def crop_pixels(self, images: list[Image.Image], boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
-        """Pixel values of crops, each resized straight to the base view by the model's image processor.
+        """Pixel values of crops, each resized straight to :attr:`crop_side` by the model's image processor.
 
         Same resampling and normalisation as the original view, but no pad and no centre crop: the crop
         fills the whole grid, so crop token (i, j) sits at (i, j) of the crop's box. For a square crop
         of a padding processor this is exactly what the processor makes of the crop on its own.
         """
         ip = self.processor.image_processor
-        side = self.base_view
+        side = self.crop_side
         kwargs = {"size": {"height": side, "width": side}, "do_center_crop": False}
         if hasattr(ip, "do_pad"):
             kwargs["do_pad"] = False
@@ -123,8 +145,9 @@ class LlavaAdapter(ModelAdapter):
 
     @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """The model's own visual tokens, (T, D) per image, in grid row-major order."""
-        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.model.dtype))
+        """The model's own visual tokens, (T, D) per image, in grid row-major order (any multiple of the patch)."""
+        extra = {"interpolate_pos_encoding": True} if pixel_values.shape[-1] != self.base_view else {}
+        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.model.dtype), **extra)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return list(feats)
 
@@ -154,21 +177,24 @@ class LlavaAdapter(ModelAdapter):
         crops: Sequence[Sequence[Crop]],
         encode_originals: bool = True,
     ) -> Stage2Inputs:
-        """Original views, then each crop stretched to the base view (its kept tokens only), then the question.
+        """Original views, then each crop stretched to :attr:`crop_side` (its kept tokens only), then the question.
 
         LLaVA's positions are 1-D, so generate() derives them from the padding mask (``position_ids`` None).
         """
         grid = self.grid_shape
         n_full = grid[0] * grid[1]
+        crop_grid = self.crop_grid(0, 0)
         used = [list(cs) for cs in crops]
-        # One vision forward for every original view and crop of the batch.
         pixels = []
         if encode_originals:
             pixels.append(self.processor.image_processor(images, return_tensors="pt")["pixel_values"])
         crop_images = [im for im, cs in zip(images, used, strict=True) for _ in cs]
         if crop_images:
             pixels.append(self.crop_pixels(crop_images, [c.box for cs in used for c in cs]))
-        feats = self.image_features(torch.cat(pixels)) if pixels else []
+        # One vision forward for every original view and crop of the batch, when they share a size.
+        same_size = len({p.shape[-1] for p in pixels}) <= 1
+        groups = [torch.cat(pixels)] if pixels and same_size else pixels
+        feats = [f for g in groups for f in self.image_features(g)]
         if encode_originals:
             orig_feats, crop_feats = feats[: len(images)], iter(feats[len(images) :])
         else:
@@ -178,7 +204,7 @@ class LlavaAdapter(ModelAdapter):
         prompts, rows, seq_feats, n_crop_tokens = [], [], [], []
         for i, (q, cs) in enumerate(zip(questions, used, strict=True)):
             prompt = self.render_prompt(q, n_images=1 + len(cs))
-            counts = [n_full] + [c.n_tokens(grid) for c in cs]
+            counts = [n_full] + [c.n_tokens(crop_grid) for c in cs]
             prompts.append(prompt)
             rows.append(self.expand_placeholders(prompt, counts))
             seq_feats.append(orig_feats[i])
