@@ -136,8 +136,7 @@ def main() -> None:
         run_stage1 = rpn_maps(rpn, reuse_prefix=reuse)
 
         def stage1_fixed(ims, qs):
-            out = run_stage1(ims, qs)
-            return Stage1Output(maps, out.prefix) if isinstance(out, Stage1Output) else maps
+            return Stage1Output(maps, run_stage1(ims, qs).prefix)
 
         def run():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -19,7 +19,7 @@ from pipeline.images import load_image
 from pipeline.models import load_adapter
 from pipeline.roi import RoIParams
 from pipeline.rpn import RPN
-from pipeline.two_stage import Stage1Output, two_stage_batch
+from pipeline.two_stage import two_stage_batch
 
 
 @dataclass
@@ -61,11 +61,10 @@ class SDRPN:
         """Answer several questions (batched); images may be PIL images, paths or fsspec URLs."""
         pil = [load_image(im) if isinstance(im, str | Path) else im.convert("RGB") for im in images]
         stage1 = rpn_maps(self.rpn, reuse_prefix=True)(pil, questions)
-        maps = stage1.maps if isinstance(stage1, Stage1Output) else stage1
         rows, rois = two_stage_batch(self.adapter, pil, questions, stage1, self.roi, max_new_tokens)
         return [
             Answer(r["response"], r["crop_boxes"], r["grid_boxes"], m, roi.mask)
-            for r, m, roi in zip(rows, maps, rois, strict=True)
+            for r, m, roi in zip(rows, stage1.maps, rois, strict=True)
         ]
 
     def answer(self, image: Image.Image | str, question: str, max_new_tokens: int = 64) -> Answer:

@@ -11,7 +11,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -73,22 +72,21 @@ def check_crop_size(adapter: ModelAdapter, crop_size: int | None) -> None:
         )
 
 
-def rpn_maps(rpn: RPN, reuse_prefix: bool = False) -> Callable[[list[Image.Image], list[str]], Any]:
-    """Stage 1: one partial forward (frozen B layers + RPN) -> sigmoid map on each image's grid.
+def rpn_maps(rpn: RPN, reuse_prefix: bool = False) -> Callable[[list[Image.Image], list[str]], Stage1Output]:
+    """Stage 1: one partial forward (frozen B layers + RPN) -> a :class:`Stage1Output` of sigmoid maps.
 
-    With ``reuse_prefix`` (and an adapter that supports it) the callable returns a :class:`Stage1Output` that
-    also carries the prefix cache for stage 2; otherwise the list of maps.
+    With ``reuse_prefix`` (and an adapter that supports it) the output also carries the prefix cache for
+    stage 2; otherwise its ``prefix`` is None.
     """
     adapter = rpn.adapter
     reuse = reuse_prefix and adapter.supports_prefix_reuse
 
     @torch.no_grad()
-    def maps(images: list[Image.Image], questions: list[str]) -> list[np.ndarray] | Stage1Output:
+    def maps(images: list[Image.Image], questions: list[str]) -> Stage1Output:
         batch = adapter.build_batch(images, [adapter.render_prompt(q) for q in questions]).to(adapter.device)
         logits, prefix = rpn.stage1(batch) if reuse else (rpn(batch), None)
         prob = torch.sigmoid(logits.float()).cpu().numpy()
-        out = [p[: h * w].reshape(h, w) for p, (h, w) in zip(prob, batch.grids, strict=True)]
-        return Stage1Output(out, prefix) if reuse else out
+        return Stage1Output([p[: h * w].reshape(h, w) for p, (h, w) in zip(prob, batch.grids, strict=True)], prefix)
 
     return maps
 

@@ -101,7 +101,7 @@ def inspect(
         view = SampleView(sid, image, r["question"], r.get("answer"), None if None in box else box)
         view.answers["baseline"] = decode_batch(adapter, [image], [r["question"]], max_new)[0]["response"]
         if rpn is not None:
-            maps = rpn_maps(rpn)([image], [r["question"]])
+            maps = rpn_maps(rpn)([image], [r["question"]]).maps
             roi = RoIParams(**{**(evaluate.get("roi") or {}), "mode": "masked"})
             rows2, _ = two_stage_batch(adapter, [image], [r["question"]], maps, roi, max_new)
             view.rpn_map, view.crop_boxes = maps[0], rows2[0]["crop_boxes"]
