@@ -75,18 +75,28 @@ def check_crop_size(adapter: ModelAdapter, crop_size: int | None) -> None:
 def rpn_maps(rpn: RPN, reuse_prefix: bool = False) -> Callable[[list[Image.Image], list[str]], Stage1Output]:
     """Stage 1: one partial forward (frozen B layers + RPN) -> a :class:`Stage1Output` of sigmoid maps.
 
-    With ``reuse_prefix`` (and an adapter that supports it) the output also carries the prefix cache for
-    stage 2; otherwise its ``prefix`` is None.
+    With ``reuse_prefix`` the output also carries what stage 2 can take over: the prefix cache (LLaVA, and any
+    family with ``supports_prefix_reuse``), else the original views' visual tokens (``supports_feature_reuse``,
+    Qwen2.5-VL); without it, or for a family with neither, only the maps.
     """
     adapter = rpn.adapter
-    reuse = reuse_prefix and adapter.supports_prefix_reuse
+    reuse_cache = reuse_prefix and adapter.supports_prefix_reuse
+    reuse_features = reuse_prefix and not reuse_cache and adapter.supports_feature_reuse
 
     @torch.no_grad()
     def maps(images: list[Image.Image], questions: list[str]) -> Stage1Output:
         batch = adapter.build_batch(images, [adapter.render_prompt(q) for q in questions]).to(adapter.device)
-        logits, prefix = rpn.stage1(batch) if reuse else (rpn(batch), None)
+        prefix = features = None
+        if reuse_cache:
+            logits, prefix = rpn.stage1(batch)
+        elif reuse_features:
+            with adapter.capture_image_features() as features:
+                logits = rpn(batch)
+        else:
+            logits = rpn(batch)
         prob = torch.sigmoid(logits.float()).cpu().numpy()
-        return Stage1Output([p[: h * w].reshape(h, w) for p, (h, w) in zip(prob, batch.grids, strict=True)], prefix)
+        out = [p[: h * w].reshape(h, w) for p, (h, w) in zip(prob, batch.grids, strict=True)]
+        return Stage1Output(out, prefix, features)
 
     return maps
 

@@ -47,6 +47,7 @@ class Stage1Output:
 
     maps: Sequence[np.ndarray]
     prefix: PrefixState | None = None
+    features: list[torch.Tensor] | None = None  # the original views' visual tokens (families without prefix reuse)
 
 
 MapSource = (
@@ -134,6 +135,7 @@ def build_stage2_inputs(
     questions: list[str],
     crops: list[list[Crop]],
     encode_originals: bool = True,
+    original_features: Sequence[torch.Tensor] | None = None,
 ) -> Stage2Inputs:
     """Left-padded ids, attention mask and ``inputs_embeds`` (plus positions where the family needs them).
 
@@ -152,6 +154,8 @@ def build_stage2_inputs(
             if c.n_tokens(grid) > 0:
                 kept.append(c)
         used.append(kept)
+    if original_features is not None:
+        return adapter.stage2_inputs(images, questions, used, original_features=original_features)
     if encode_originals:
         return adapter.stage2_inputs(images, questions, used)
     return adapter.stage2_inputs(images, questions, used, encode_originals=False)
@@ -165,14 +169,18 @@ def generate_with_crops(
     crops: list[list[Crop]],
     max_new_tokens: int,
     prefix: PrefixState | None = None,
+    features: Sequence[torch.Tensor] | None = None,
 ) -> list[dict]:
     """Greedy answers from the original view plus each sample's crops (none: the baseline answer).
 
     With ``prefix`` (stage 1's :class:`~pipeline.prefix_cache.PrefixState` for the same rows) the shared prompt
-    prefix comes from stage 1's cache instead of being encoded again (same answers, less work).
+    prefix comes from stage 1's cache instead of being encoded again; with ``features`` (stage 1's visual tokens
+    of the same images) the original views skip the vision tower. Same answers, less work.
     """
     reuse = prefix is not None and adapter.supports_prefix_reuse
-    inputs = build_stage2_inputs(adapter, images, questions, crops, encode_originals=not reuse)
+    inputs = build_stage2_inputs(
+        adapter, images, questions, crops, encode_originals=not reuse, original_features=None if reuse else features
+    )
     out = adapter.model.generate(
         **(prefix_generate_inputs(adapter, prefix, inputs) if reuse else inputs.model_inputs()),
         do_sample=False,
@@ -210,9 +218,9 @@ def two_stage_batch(
     """
     params = params or RoIParams()
     prob = maps(images, questions) if callable(maps) else maps
-    prefix = None
+    prefix = features = None
     if isinstance(prob, Stage1Output):
-        prob, prefix = prob.maps, prob.prefix
+        prob, prefix, features = prob.maps, prob.prefix, prob.features
     if len(prob) != len(images):
         raise ValueError(f"{len(prob)} maps for {len(images)} images")
     for m, im in zip(prob, images, strict=True):
@@ -220,7 +228,7 @@ def two_stage_batch(
             raise ValueError(f"map of shape {np.shape(m)} for a {adapter.visual_grid(im.width, im.height)} grid")
     rois = [postprocess(np.asarray(m), params) for m in prob]
     crops = [crops_from_roi(r, adapter, im.width, im.height, params.mode) for r, im in zip(rois, images, strict=True)]
-    rows = generate_with_crops(adapter, images, questions, crops, max_new_tokens, prefix)
+    rows = generate_with_crops(adapter, images, questions, crops, max_new_tokens, prefix, features)
     for row, roi in zip(rows, rois, strict=True):
         row["grid_boxes"] = [list(b) for b in roi.boxes]
         row["enclosing"] = list(roi.enclosing) if roi.enclosing is not None else None

@@ -285,3 +285,55 @@ def test_batched_equals_one_by_one(qwen, mode):
         assert single["n_crop_tokens"] == batched[i]["n_crop_tokens"]
     base = decode_batch(qwen, [images[2]], [QUESTIONS[2]], max_new_tokens=5)
     assert batched[2]["response_token_ids"] == base[0]["response_token_ids"]
+
+
+# --- stage 2 takes the original views' visual tokens from stage 1 -------------------------------------------
+
+
+def test_stage1_features_are_the_vision_towers_and_stage2_skips_the_originals(qwen):
+    """With stage 1's visual tokens, stage 2 runs the tower over the crops only, and builds the same inputs."""
+    from pipeline.evaluate import rpn_maps
+    from pipeline.rpn import RPN
+    from pipeline.two_stage import Stage1Output
+
+    images = aspect_images(4)
+    rpn = RPN.from_base(qwen, 1, 1).eval()
+    out = rpn_maps(rpn, reuse_prefix=True)(images, QUESTIONS)
+    assert out.prefix is None and len(out.features) == len(images)
+    assert rpn_maps(rpn)(images, QUESTIONS).features is None
+    # independent reference: the vision tower on each image alone
+    for im, f, (h, w) in zip(images, out.features, _grids(qwen), strict=True):
+        enc = qwen.encode_images([im])
+        with torch.no_grad():
+            ref = qwen.model.get_image_features(
+                pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]
+            ).pooler_output[0]
+        assert f.shape[0] == h * w
+        torch.testing.assert_close(f, ref, rtol=1e-5, atol=1e-5)
+
+    crops = [[Crop((0, 0, 40, 40))], [], [Crop((10, 5, 80, 60))], [Crop((0, 0, 84, 28)), Crop((20, 10, 100, 50))]]
+    seen = []
+    hook = qwen.model.model.visual.register_forward_hook(
+        lambda m, a, kw, o: seen.append(len(kw["grid_thw"])), with_kwargs=True
+    )
+    try:
+        plain = build_stage2_inputs(qwen, images, QUESTIONS, crops)
+        reused = build_stage2_inputs(qwen, images, QUESTIONS, crops, original_features=out.features)
+    finally:
+        hook.remove()
+    assert seen == [len(images) + 4, 4]  # the second call encodes the four crops only
+    assert reused.input_ids.tolist() == plain.input_ids.tolist()
+    torch.testing.assert_close(reused.position_ids, plain.position_ids, rtol=0, atol=0)
+    torch.testing.assert_close(reused.image_grid_thw, plain.image_grid_thw, rtol=0, atol=0)
+    torch.testing.assert_close(reused.inputs_embeds, plain.inputs_embeds, rtol=1e-5, atol=1e-5)
+
+    params = RoIParams(smooth_sigma=0.0, tau=0.5, mode="masked")
+    maps = _maps(_grids(qwen))
+    a, _ = two_stage_batch(qwen, images, QUESTIONS, maps, params, max_new_tokens=5)
+    b, _ = two_stage_batch(qwen, images, QUESTIONS, Stage1Output(maps, features=out.features), params, 5)
+    assert [r["response_token_ids"] for r in a] == [r["response_token_ids"] for r in b]
+    assert [r["n_crop_tokens"] for r in a] == [r["n_crop_tokens"] for r in b]
+    with pytest.raises(ValueError, match="image 1: .* stage-1 visual tokens"):
+        build_stage2_inputs(
+            qwen, images, QUESTIONS, crops, original_features=[out.features[0], out.features[1][:-1], *out.features[2:]]
+        )

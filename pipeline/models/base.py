@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -164,19 +165,29 @@ class ModelAdapter(ABC):
         questions: list[str],
         crops: Sequence[Sequence[Crop]],
         encode_originals: bool = True,
+        original_features: Sequence[torch.Tensor] | None = None,
     ) -> Stage2Inputs:
         """Stage-2 inputs: each image's original view, then its crops' kept tokens, then the question.
 
         ``crops`` holds, per sample, crops that keep at least one token, with keep-masks (if any) on the crop's
         grid ``crop_grid(box width, box height)``. A sample without crops gets exactly its baseline prompt.
         ``encode_originals=False`` leaves the original views' embeddings as zeros (for callers that take the
-        prefix from a cache, :mod:`pipeline.prefix_cache`).
+        prefix from a cache, :mod:`pipeline.prefix_cache`). ``original_features`` are the original views' visual
+        tokens as stage 1 computed them (:meth:`capture_image_features`), used instead of encoding them again.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement two-stage inference")
 
     #: Whether stage 2 may start from stage 1's cache of the shared prefix (:mod:`pipeline.prefix_cache`):
     #: needs positions that count real tokens from each row's first one (1-D rotary from the padding mask).
     supports_prefix_reuse: bool = False
+
+    #: Whether stage 2 may take the original views' visual tokens from stage 1 (:meth:`capture_image_features`)
+    #: instead of running the vision tower over them again (for families without prefix reuse).
+    supports_feature_reuse: bool = False
+
+    def capture_image_features(self) -> AbstractContextManager[list[torch.Tensor]]:
+        """Within the context, every image the model's forward encodes appends its visual tokens (T, D), in order."""
+        raise NotImplementedError(f"{type(self).__name__} does not hand its visual tokens to stage 2")
 
     def prefix_end(self, batch: Batch) -> torch.Tensor:
         """(B,) first column after the first image's tokens in each row of ``batch``: the prompt prefix that

@@ -176,6 +176,7 @@ class LlavaAdapter(ModelAdapter):
         questions: list[str],
         crops: Sequence[Sequence[Crop]],
         encode_originals: bool = True,
+        original_features: Sequence[torch.Tensor] | None = None,
     ) -> Stage2Inputs:
         """Original views, then each crop stretched to :attr:`crop_side` (its kept tokens only), then the question.
 
@@ -185,6 +186,10 @@ class LlavaAdapter(ModelAdapter):
         n_full = grid[0] * grid[1]
         crop_grid = self.crop_grid(0, 0)
         used = [list(cs) for cs in crops]
+        given = original_features is not None
+        if given and len(original_features) != len(images):
+            raise ValueError(f"{len(original_features)} original feature sets for {len(images)} images")
+        encode_originals = encode_originals and not given
         pixels = []
         if encode_originals:
             pixels.append(self.processor.image_processor(images, return_tensors="pt")["pixel_values"])
@@ -197,6 +202,8 @@ class LlavaAdapter(ModelAdapter):
         feats = [f for g in groups for f in self.image_features(g)]
         if encode_originals:
             orig_feats, crop_feats = feats[: len(images)], iter(feats[len(images) :])
+        elif given:
+            orig_feats, crop_feats = list(original_features), iter(feats)
         else:
             blank = torch.zeros(n_full, self.model.config.text_config.hidden_size)
             orig_feats, crop_feats = [blank] * len(images), iter(feats)

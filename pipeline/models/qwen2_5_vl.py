@@ -18,7 +18,8 @@ upscaling keeps the kept tokens' positions from the full crop grid).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -256,9 +257,31 @@ class Qwen25VLAdapter(ModelAdapter):
         )
 
     # --- two-stage inference ------------------------------------------------------------------------
+    supports_feature_reuse = True
+
+    @contextmanager
+    def capture_image_features(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the merged visual tokens of every image the vision tower encodes inside the context."""
+        got: list[torch.Tensor] = []
+
+        def hook(module, args, kwargs, output):
+            thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+            got.extend(torch.split(output.pooler_output, (thw.prod(-1) // self.merge**2).tolist()))
+
+        handle = self.model.model.visual.register_forward_hook(hook, with_kwargs=True)
+        try:
+            yield got
+        finally:
+            handle.remove()
+
     @torch.no_grad()
     def stage2_inputs(
-        self, images: list[Image.Image], questions: list[str], crops: Sequence[Sequence[Crop]]
+        self,
+        images: list[Image.Image],
+        questions: list[str],
+        crops: Sequence[Sequence[Crop]],
+        encode_originals: bool = True,
+        original_features: Sequence[torch.Tensor] | None = None,
     ) -> Stage2Inputs:
         """Each original view, then its crops as further images (kept tokens only), then the question.
 
@@ -276,15 +299,32 @@ class Qwen25VLAdapter(ModelAdapter):
         ``image_grid_thw`` and ``mm_token_type_ids`` describe every image of the batch (informative: the model
         gets the positions themselves, and generate() continues each row from its last position, which is what
         the model's rope deltas would give).
+
+        With ``original_features`` (stage 1's visual tokens of the same images) only the crops go through the
+        vision tower.
         """
+        if not encode_originals:
+            raise ValueError("Qwen2.5-VL has no prefix reuse: pass original_features to skip the original views")
         used = [list(cs) for cs in crops]
-        cuts = [im.crop(c.box) for im, cs in zip(images, used, strict=True) for c in cs]
-        encs = [self.encode_images(images)] + ([self.encode_images(cuts)] if cuts else [])
-        thw = torch.cat([e["image_grid_thw"] for e in encs])
-        pixel_values = torch.cat([e["pixel_values"] for e in encs]).to(self.device)
-        feats = self.model.get_image_features(pixel_values=pixel_values, image_grid_thw=thw.to(self.device))
-        feats = list(feats.pooler_output)  # (t*h*w / merge^2, D) per image, row-major over its merged grid
         n = len(images)
+        cuts = [im.crop(c.box) for im, cs in zip(images, used, strict=True) for c in cs]
+        if original_features is None:
+            encs = [self.encode_images(images)] + ([self.encode_images(cuts)] if cuts else [])
+            thw = torch.cat([e["image_grid_thw"] for e in encs])
+            feats = self._features(torch.cat([e["pixel_values"] for e in encs]), thw)
+        else:
+            if len(original_features) != n:
+                raise ValueError(f"{len(original_features)} original feature sets for {n} images")
+            grids = [self.visual_grid(im.width, im.height) for im in images]
+            for i, (f, (h, w)) in enumerate(zip(original_features, grids, strict=True)):
+                if f.shape[0] != h * w:
+                    raise ValueError(f"image {i}: {f.shape[0]} stage-1 visual tokens for a {h}x{w} grid")
+            thw = torch.tensor([[1, h * self.merge, w * self.merge] for h, w in grids], dtype=torch.long)
+            feats = list(original_features)
+            if cuts:
+                enc = self.encode_images(cuts)
+                thw = torch.cat([thw, enc["image_grid_thw"]])
+                feats += self._features(enc["pixel_values"], enc["image_grid_thw"])
         crop_thw, crop_feats = iter(thw[n:].tolist()), iter(feats[n:])
 
         tok = self.tokenizer
@@ -334,6 +374,13 @@ class Qwen25VLAdapter(ModelAdapter):
             mm_token_type_ids=mm_types.to(ids.device),
             image_grid_thw=torch.tensor(sample_thw, dtype=torch.long),
         )
+
+    def _features(self, pixel_values: torch.Tensor, thw: torch.Tensor) -> list[torch.Tensor]:
+        """(t*h*w / merge^2, D) visual tokens per image, row-major over its merged grid."""
+        out = self.model.get_image_features(
+            pixel_values=pixel_values.to(self.device), image_grid_thw=thw.to(self.device)
+        )
+        return list(out.pooler_output)
 
     def _expand_full(
         self, prompt_ids: list[int], thw: list[list[int]], keeps: list[np.ndarray | None]
