@@ -21,7 +21,9 @@ A sample without crops gets exactly the baseline prompt and inputs, so its answe
 
 When stage 1 hands over its prefix cache (:class:`Stage1Output`, from ``rpn_maps(rpn, reuse_prefix=True)``),
 stage 2 neither encodes the original view again nor runs the first ``B`` layers over the prompt's shared
-prefix (:mod:`pipeline.prefix_cache`); the answers are the same.
+prefix (:mod:`pipeline.prefix_cache`); families without prefix reuse (Qwen2.5-VL) get stage 1's visual tokens of
+the original view instead (``Stage1Output.features``), so only the crops go through the vision tower. The
+answers are the same.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ size x size (the paper's training setting: 24x24 merged tokens); ``{"mode": "nat
 
 Two-stage inference (:meth:`Qwen25VLAdapter.stage2_inputs`) puts each crop after the original view as a
 further image at the same resolution, with the M-RoPE positions the model gives a second image (masked
-upscaling keeps the kept tokens' positions from the full crop grid).
+upscaling keeps the kept tokens' positions from the full crop grid). Stage 1's forward hands its visual tokens of
+the original views to stage 2 (:meth:`Qwen25VLAdapter.capture_image_features`), so only the crops are encoded again.
 """
 
 from __future__ import annotations
