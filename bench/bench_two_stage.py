@@ -25,7 +25,7 @@ import argparse
 import numpy as np
 import torch
 from PIL import Image
-from shapes import EMBEDDED, LLAVA7B, WORDS, timeit
+from shapes import EMBEDDED, LLAVA7B, WORDS, timeit, timeit_interleaved
 
 from pipeline.attention_capture import capture_attention
 from pipeline.decode import decode_batch
@@ -120,7 +120,7 @@ def main() -> None:
         with torch.no_grad():
             model(**adapter.forward_inputs(batch), use_cache=False)
 
-    t_stage1, t_prefill = timeit(stage1, device, args.repeats), timeit(prefill, device, args.repeats)
+    t_stage1, t_prefill = timeit_interleaved([stage1, prefill], device, args.repeats)
     print(f"stage 1 (B + RPN)        {t_stage1 * 1e3:9.1f} ms/batch")
     print(f"full SDPA prefill        {t_prefill * 1e3:9.1f} ms/batch")
     print(f"RATIO stage-1 latency vs full prefill: {t_stage1 / t_prefill:.2f}x  (target <= 0.6x)")
@@ -162,9 +162,7 @@ def main() -> None:
 
         return run
 
-    t_base = timeit(baseline, device, args.repeats)
-    t_plain = timeit(two_stage(False), device, args.repeats)
-    t_reuse = timeit(two_stage(True), device, args.repeats)
+    t_base, t_plain, t_reuse = timeit_interleaved([baseline, two_stage(False), two_stage(True)], device, args.repeats)
     print(f"baseline (original view) {t_base * 1e3:9.1f} ms/batch ({new} new tokens)")
     what = "stage 2 starts from stage 1's cache" if adapter.supports_prefix_reuse else "stage 1's visual tokens"
     print(f"two-stage, plain stage 2 {t_plain * 1e3:9.1f} ms/batch (re-encodes the original view and prefix)")

@@ -55,3 +55,19 @@ def timeit(fn, device: torch.device, repeats: int) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timeit_interleaved(fns: list, device: torch.device, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn within every round (after one warm-up round), so a
+    machine that slows down or speeds up mid-run moves every side of a ratio alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
