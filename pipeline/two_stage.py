@@ -156,11 +156,9 @@ def build_stage2_inputs(
             if c.n_tokens(grid) > 0:
                 kept.append(c)
         used.append(kept)
-    if original_features is not None:
-        return adapter.stage2_inputs(images, questions, used, original_features=original_features)
-    if encode_originals:
-        return adapter.stage2_inputs(images, questions, used)
-    return adapter.stage2_inputs(images, questions, used, encode_originals=False)
+    return adapter.stage2_inputs(
+        images, questions, used, encode_originals=encode_originals, original_features=original_features
+    )
 
 
 @torch.no_grad()

@@ -13,24 +13,9 @@ from pipeline.roi import RoIParams, postprocess
 from pipeline.rpn import RPN
 from pipeline.two_stage import Crop, build_stage2_inputs, crop_grid, crops_from_roi, two_stage_batch
 from tests.conftest import random_images
+from tests.test_two_stage import _runs, noise
 
 # the toy model: a 64 px base view, 16 px patches, a 4 x 4 grid
-
-
-def _noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-
-
-def _runs(ids: torch.Tensor, image_id: int) -> list[int]:
-    runs, n = [], 0
-    for t in ids.tolist() + [-1]:
-        if t == image_id:
-            n += 1
-        elif n:
-            runs.append(n)
-            n = 0
-    return runs
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +51,7 @@ def test_base_view_crop_size_is_the_default(sized, adapter):
 def test_masked_crop_on_a_resized_grid_keeps_exactly_its_tokens(sized, size):
     adapter = sized[size]
     model, processor = adapter.model, adapter.processor
-    image = _noise(64, 64, seed=5)
+    image = noise(64, 64, seed=5)
     prob = np.zeros((4, 4))
     prob[1, 1] = prob[1, 2] = prob[2, 1] = prob[3, 1] = 0.9  # an L of 4 tokens
     roi = postprocess(prob, RoIParams(smooth_sigma=0.0, tau=0.5, mode="masked"))
