@@ -19,15 +19,15 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.contracts import read_parquet
-from pipeline.decode import decode_batch
-from pipeline.evaluate import rpn_maps
-from pipeline.images import load_images
+from pipeline.inference.evaluate import rpn_maps
+from pipeline.inference.roi import RoIParams
+from pipeline.inference.scoring import score
+from pipeline.inference.two_stage import two_stage_batch
+from pipeline.io.contracts import read_parquet
+from pipeline.io.images import load_images
 from pipeline.models import load_adapter
-from pipeline.roi import RoIParams
-from pipeline.rpn import RPN
-from pipeline.scoring import score
-from pipeline.two_stage import two_stage_batch
+from pipeline.student.rpn import RPN
+from pipeline.teacher.decode import decode_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 

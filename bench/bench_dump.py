@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from shapes import EMBEDDED, LLAVA7B, WORDS, timeit
 
-from pipeline.attention_capture import capture_attention
-from pipeline.decode import decode_batch
 from pipeline.models import wrap_model
-from pipeline.models.toy import build_toy_llava
+from pipeline.teacher.attention_capture import capture_attention
+from pipeline.teacher.decode import decode_batch
+from toymodels.llava import build_toy_llava
 
 PRESETS = {
     "llava7b": dict(sizes=LLAVA7B, layers=[14], batch=48, new_tokens=16),

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.attention_store import AttentionStoreWriter, open_attention_store  # noqa: E402
-from pipeline.labels import LabelParams, label_store  # noqa: E402
+from pipeline.io.attention_store import AttentionStoreWriter, open_attention_store  # noqa: E402
+from pipeline.teacher.labels import LabelParams, label_store  # noqa: E402
 
 TARGET_S = 20.0
 GRID = 24

@@ -3,7 +3,8 @@
 Prints:
   stage 1 (frozen B layers + RPN, up to the last prompt token) vs a full SDPA prefill   (target <= 0.6x)
   two-stage throughput (stage 1 + stage 2 with a masked crop) vs the baseline          (target >= 0.7x; paper 0.62x),
-    end to end, with the plain stage 2 and with stage 2 starting from stage 1's prefix cache (pipeline.prefix_cache)
+    end to end, with the plain stage 2 and with stage 2 starting from stage 1's prefix cache
+    (pipeline.inference.prefix_cache)
   Qwen presets also: the dump (truncated forward + captured rows) vs a full SDPA prefill (576 or 4096 visual tokens);
     Qwen has no prefix reuse, its stage 2 takes the original views' visual tokens from stage 1 instead
 
@@ -27,14 +28,14 @@ import torch
 from PIL import Image
 from shapes import EMBEDDED, LLAVA7B, WORDS, timeit, timeit_interleaved
 
-from pipeline.attention_capture import capture_attention
-from pipeline.decode import decode_batch
-from pipeline.evaluate import rpn_maps
+from pipeline.inference.evaluate import rpn_maps
+from pipeline.inference.roi import RoIParams
+from pipeline.inference.two_stage import Stage1Output, two_stage_batch
 from pipeline.models import wrap_model
-from pipeline.models.toy import build_toy_llava
-from pipeline.roi import RoIParams
-from pipeline.rpn import RPN
-from pipeline.two_stage import Stage1Output, two_stage_batch
+from pipeline.student.rpn import RPN
+from pipeline.teacher.attention_capture import capture_attention
+from pipeline.teacher.decode import decode_batch
+from toymodels.llava import build_toy_llava
 
 PRESETS = {
     "embedded": dict(family="llava", sizes=EMBEDDED, B=3, R=3, batch=16, new_tokens=8, dump_layer=3),
@@ -67,7 +68,7 @@ def build(preset: dict, device: torch.device, dtype: torch.dtype, visual: int, c
                 model, processor = build_toy_llava(WORDS, preset["sizes"])
                 kwargs = {"crop_size": crop_size}
             else:
-                from pipeline.models.toy_qwen import ToyQwenSizes, build_toy_qwen, qwen25_vl_sizes
+                from toymodels.qwen import ToyQwenSizes, build_toy_qwen, qwen25_vl_sizes
 
                 sizes = ToyQwenSizes(**QWEN_SMALL) if preset is PRESETS["qwen_small"] else qwen25_vl_sizes("7b")
                 model, processor = build_toy_qwen(WORDS, sizes)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from pipeline.models.toy import ToyLlavaSizes
+from toymodels.llava import ToyLlavaSizes
 
 # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24x24 = 576 tokens) + Llama-2-7B (32 layers, 4096 hidden)
 LLAVA7B = ToyLlavaSizes(

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.evaluate import rpn_maps
-from pipeline.images import load_image
+from pipeline.inference.evaluate import rpn_maps
+from pipeline.inference.roi import RoIParams
+from pipeline.inference.two_stage import two_stage_batch
+from pipeline.io.images import load_image
 from pipeline.models import load_adapter
-from pipeline.roi import RoIParams
-from pipeline.rpn import RPN
-from pipeline.two_stage import two_stage_batch
+from pipeline.student.rpn import RPN
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.world import WorldParams, crop_box, generate_sample  # noqa: E402
+from pipeline.world.generator import WorldParams, crop_box, generate_sample  # noqa: E402
 
 FG_RATIO = 0.2
 SINK_FACTOR = 10.0
@@ -173,8 +173,8 @@ def print_report(r: dict) -> None:
 
 def write_reference(model_dir: str, seed: int = 31337, n: int = 32) -> None:
     """Record the pipeline-path accuracy (base view, GT crop) on a fixed small held-out set, CPU float32."""
-    from pipeline.embedded_check import world_accuracy
     from pipeline.models import load_adapter
+    from pipeline.world.embedded_check import world_accuracy
 
     adapter = load_adapter(model_dir, device="cpu", dtype="float32")
     acc = world_accuracy(adapter, seed=seed, n=n)

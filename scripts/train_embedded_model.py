@@ -46,21 +46,8 @@ except ImportError:  # pragma: no cover
     transformers.LlavaImageProcessorPil = transformers.LlavaImageProcessor
 
 
-def _load_toy():
-    """``pipeline/models/toy.py`` on its own: the ``pipeline.models`` package imports the whole adapter stack."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "pipeline" / "models" / "toy.py"
-    spec = importlib.util.spec_from_file_location("sdrpn_toy", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-_toy = _load_toy()
-ToyLlavaSizes, build_toy_llava, save_toy_llava = _toy.ToyLlavaSizes, _toy.build_toy_llava, _toy.save_toy_llava
-from pipeline.world import GLYPHS, WorldParams, WorldSample, crop_box, generate_sample, world_vocabulary  # noqa: E402
+from pipeline.world.generator import GLYPHS, WorldParams, WorldSample, crop_box, generate_sample, world_vocabulary  # noqa: E402
+from toymodels.llava import ToyLlavaSizes, build_toy_llava, save_toy_llava  # noqa: E402
 
 SIZES = ToyLlavaSizes(
     image_size=224,

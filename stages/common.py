@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from pipeline.contracts import fingerprint
+from pipeline.io.contracts import fingerprint
 from pipeline.models import adapter_options
 
 T = TypeVar("T")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.contracts import read_parquet, write_parquet
-from pipeline.decode import DecodeParams, decode_manifest
+from pipeline.io.contracts import read_parquet, write_parquet
+from pipeline.io.resumable import PartStore, job_key
 from pipeline.models import adapter_options, load_adapter
-from pipeline.resumable import PartStore, job_key
+from pipeline.teacher.decode import DecodeParams, decode_manifest
 from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.attention_store import AttentionStoreWriter
-from pipeline.contracts import read_parquet
-from pipeline.dump import DumpParams, dump_attention, max_visual_tokens
+from pipeline.io.attention_store import AttentionStoreWriter
+from pipeline.io.contracts import read_parquet
+from pipeline.io.resumable import job_key
 from pipeline.models import adapter_options, load_adapter
-from pipeline.resumable import job_key
+from pipeline.teacher.dump import DumpParams, dump_attention, max_visual_tokens
 from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
 
 

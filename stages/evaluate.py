@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 import polars as pl
 
-from pipeline.contracts import read_parquet, write_parquet
-from pipeline.evaluate import EvalParams, evaluate_manifest
+from pipeline.inference.evaluate import EvalParams, evaluate_manifest
+from pipeline.io.contracts import read_parquet, write_parquet
 from pipeline.models import load_adapter
-from pipeline.rpn import RPN
+from pipeline.student.rpn import RPN
 from stages.common import (
     fingerprints,
     load_section,

@@ -7,18 +7,18 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.attention_store import open_attention_store
-from pipeline.contracts import read_parquet
-from pipeline.decode import decode_batch
-from pipeline.evaluate import rpn_maps
-from pipeline.images import load_image
-from pipeline.inspect_view import SampleView, model_view, render
-from pipeline.label_presets import resolve_label_params
-from pipeline.labels import assign_labels
+from pipeline.inference.evaluate import rpn_maps
+from pipeline.inference.roi import RoIParams
+from pipeline.inference.two_stage import two_stage_batch
+from pipeline.io.attention_store import open_attention_store
+from pipeline.io.contracts import read_parquet
+from pipeline.io.images import load_image
 from pipeline.models import load_adapter
-from pipeline.roi import RoIParams
-from pipeline.rpn import RPN
-from pipeline.two_stage import two_stage_batch
+from pipeline.report.inspect_view import SampleView, model_view, render
+from pipeline.student.rpn import RPN
+from pipeline.teacher.decode import decode_batch
+from pipeline.teacher.label_presets import resolve_label_params
+from pipeline.teacher.labels import assign_labels
 from stages.common import load_section, params_option, stage2_adapter_options
 
 

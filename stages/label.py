@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.label_presets import resolve_label_params
-from pipeline.labels import label_store
+from pipeline.teacher.label_presets import resolve_label_params
+from pipeline.teacher.labels import label_store
 from stages.common import apply_overrides, fingerprints, load_section, params_option, progress_option, set_option
 
 

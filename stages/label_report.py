@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 import polars as pl
 
-from pipeline.attention_store import open_attention_store
-from pipeline.contracts import read_parquet
-from pipeline.label_presets import resolve_label_params
-from pipeline.label_report import gt_token_masks, label_quality
+from pipeline.io.attention_store import open_attention_store
+from pipeline.io.contracts import read_parquet
 from pipeline.models import adapter_options, load_adapter
+from pipeline.teacher.label_presets import resolve_label_params
+from pipeline.teacher.label_report import gt_token_masks, label_quality
 from stages.common import load_section, params_option
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.contracts import write_parquet
-from pipeline.manifest import build_manifest, records_from_llava_mix, records_from_table
+from pipeline.io.contracts import write_parquet
+from pipeline.io.manifest import build_manifest, records_from_llava_mix, records_from_table
 from stages.common import fingerprints, load_section, params_option
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import click
 import torch.distributed as dist
 
-from pipeline.contracts import read_parquet
+from pipeline.io.contracts import read_parquet
+from pipeline.io.resumable import job_key
 from pipeline.models import adapter_options, load_adapter
-from pipeline.resumable import job_key
-from pipeline.train import PLOT_COLUMNS, TrainParams, init_distributed, join_samples, params_dict, train_rpn
+from pipeline.student.train import PLOT_COLUMNS, TrainParams, init_distributed, join_samples, params_dict, train_rpn
 from stages.common import (
     apply_overrides,
     fingerprints,

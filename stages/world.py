@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.world import WorldParams, write_world
+from pipeline.world.generator import WorldParams, write_world
 from stages.common import load_section, params_option, to_dataclass
 
 

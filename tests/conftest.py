@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline.models import wrap_model
-from pipeline.models.toy import ToyLlavaSizes, build_toy_llava, save_toy_llava
+from toymodels.llava import ToyLlavaSizes, build_toy_llava, save_toy_llava
 
 WORDS = [
     "what",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.api import SDRPN
-from pipeline.roi import RoIParams
-from pipeline.rpn import RPN
+from pipeline.inference.roi import RoIParams
+from pipeline.student.rpn import RPN
 from tests.conftest import random_images
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.attention_capture import capture_attention
+from pipeline.teacher.attention_capture import capture_attention
 from tests.conftest import random_images
 
 # fp32 on CPU: the capture recomputes q.k in float32 and softmaxes over the same keys, so the only

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.attention_store import AttentionStoreWriter, open_attention_store
-from pipeline.contracts import ContractError
+from pipeline.io.attention_store import AttentionStoreWriter, open_attention_store
+from pipeline.io.contracts import ContractError
 
 
 def make_rows(n, n_layers=2, v=20, n_heads=None, seed=0):

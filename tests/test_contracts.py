@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.contracts import ContractError, read_metadata, read_parquet, write_parquet
-from pipeline.decode import RESPONSE_COLUMNS
+from pipeline.io.contracts import ContractError, read_metadata, read_parquet, write_parquet
+from pipeline.teacher.decode import RESPONSE_COLUMNS
 
 
 def _responses(ids):

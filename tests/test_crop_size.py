@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluate import rpn_maps
+from pipeline.inference.evaluate import rpn_maps
+from pipeline.inference.roi import RoIParams, postprocess
+from pipeline.inference.two_stage import Crop, build_stage2_inputs, crop_grid, crops_from_roi, two_stage_batch
 from pipeline.models import wrap_model
-from pipeline.roi import RoIParams, postprocess
-from pipeline.rpn import RPN
-from pipeline.two_stage import Crop, build_stage2_inputs, crop_grid, crops_from_roi, two_stage_batch
+from pipeline.student.rpn import RPN
 from tests.conftest import random_images
 from tests.test_two_stage import _runs, noise
 

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-import pipeline.decode as decode_mod
-from pipeline.decode import DecodeParams, decode_batch, decode_manifest
-from pipeline.manifest import build_manifest, records_from_table
-from pipeline.resumable import PartStore
+import pipeline.teacher.decode as decode_mod
+from pipeline.io.manifest import build_manifest, records_from_table
+from pipeline.io.resumable import PartStore
+from pipeline.teacher.decode import DecodeParams, decode_batch, decode_manifest
 from tests.conftest import random_images
 
 QUESTIONS = ["what is in the red box ?", "what is in the box ?", "a b c", "what colour is the shape ?"]

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import yaml
 
-from pipeline.contracts import read_metadata, read_parquet
+from pipeline.io.contracts import read_metadata, read_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = {
@@ -129,7 +129,7 @@ def test_label_threshold_change_reruns_label_and_what_follows(project):
 
 def test_label_code_change_reruns_only_label(project):
     _dvc(project, "repro")
-    with open(project / "pipeline/labels.py", "a") as fh:
+    with open(project / "pipeline/teacher/labels.py", "a") as fh:
         fh.write("\n# edited\n")
     # labels.parquet comes out byte-identical, so train (which depends on the artifact, not the code) stays put
     assert sorted(_ran(_dvc(project, "repro"))) == ["label", "label_noassign", "label_nosink", "label_report"]
@@ -144,7 +144,7 @@ def test_inspect_draws_every_panel_it_has_data_for(project):
     assert res.returncode == 0, res.stderr
     from PIL import Image
 
-    from pipeline.inspect_view import PANEL
+    from pipeline.report.inspect_view import PANEL
 
     # train samples: image, raw attention, sinks, labels, RPN map; eval samples: image and RPN map only
     assert Image.open(project / f"artifacts/inspect/{train_id}.png").width == 5 * PANEL

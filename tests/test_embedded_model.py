@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded_check import world_accuracy
 from pipeline.models import load_adapter
+from pipeline.world.embedded_check import world_accuracy
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "sdrpn-toy-llava"
 

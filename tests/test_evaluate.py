@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluate import EvalParams, _localisation, evaluate_manifest
-from pipeline.manifest import build_manifest, records_from_table
-from pipeline.roi import RoI
-from pipeline.rpn import RPN
+from pipeline.inference.evaluate import EvalParams, _localisation, evaluate_manifest
+from pipeline.inference.roi import RoI
+from pipeline.io.manifest import build_manifest, records_from_table
+from pipeline.student.rpn import RPN
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.label_presets import PRESETS, dump_requirements, resolve_label_params
-from pipeline.labels import LabelParams
+from pipeline.teacher.label_presets import PRESETS, dump_requirements, resolve_label_params
+from pipeline.teacher.labels import LabelParams
 
 
 def test_paper_is_the_plain_defaults():

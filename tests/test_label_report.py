@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.attention_store import AttentionStoreWriter, open_attention_store
-from pipeline.label_report import label_quality
-from pipeline.labels import LabelParams
+from pipeline.io.attention_store import AttentionStoreWriter, open_attention_store
+from pipeline.teacher.label_report import label_quality
+from pipeline.teacher.labels import LabelParams
 
 
 def _store(tmp_path, attention, norms, side):

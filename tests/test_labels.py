@@ -8,9 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.attention_store import AttentionStoreWriter, open_attention_store
-from pipeline.contracts import read_metadata, read_parquet
-from pipeline.labels import SKIP_REASONS, LabelParams, assign_labels, label_store
+from pipeline.io.attention_store import AttentionStoreWriter, open_attention_store
+from pipeline.io.contracts import read_metadata, read_parquet
+from pipeline.teacher.labels import SKIP_REASONS, LabelParams, assign_labels, label_store
 
 # ---------------------------------------------------------------------------------------------------------------
 # Slow reference: one sample and one token at a time, plain Python floats (float64), written from SPEC 1.3-1.4.

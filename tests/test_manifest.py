@@ -7,8 +7,8 @@ import json
 import polars as pl
 from click.testing import CliRunner
 
-from pipeline.contracts import read_metadata, read_parquet
-from pipeline.manifest import build_manifest, records_from_llava_mix, records_from_table
+from pipeline.io.contracts import read_metadata, read_parquet
+from pipeline.io.manifest import build_manifest, records_from_llava_mix, records_from_table
 from stages.cli import main
 from tests.conftest import random_images
 

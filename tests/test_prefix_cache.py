@@ -1,4 +1,4 @@
-"""Stage 2 from stage 1's prefix cache gives what the plain stage 2 gives (pipeline.prefix_cache)."""
+"""Stage 2 from stage 1's prefix cache gives what the plain stage 2 gives (pipeline.inference.prefix_cache)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import rpn_maps
+from pipeline.inference.evaluate import rpn_maps
+from pipeline.inference.prefix_cache import prefix_generate_inputs
+from pipeline.inference.roi import RoIParams
+from pipeline.inference.two_stage import Crop, Stage1Output, build_stage2_inputs, two_stage_batch
 from pipeline.models import wrap_model
 from pipeline.models.base import Stage2Inputs
-from pipeline.models.toy import ToyLlavaSizes, build_toy_llava
-from pipeline.prefix_cache import prefix_generate_inputs
-from pipeline.roi import RoIParams
-from pipeline.rpn import RPN
-from pipeline.two_stage import Crop, Stage1Output, build_stage2_inputs, two_stage_batch
+from pipeline.student.rpn import RPN
 from tests.conftest import WORDS, random_images
+from toymodels.llava import ToyLlavaSizes, build_toy_llava
 
 # different question lengths, so both stages pad their rows differently
 QUESTIONS = ["what is in the red box ?", "a b", "what colour is the shape in the blue box ?", "c", "what is a"]

@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.attention_capture import capture_attention
-from pipeline.attention_store import AttentionStoreWriter, open_attention_store
-from pipeline.decode import DecodeParams, decode_batch, decode_manifest
-from pipeline.dump import DumpParams, dump_attention, max_visual_tokens
-from pipeline.labels import LabelParams, label_store
-from pipeline.manifest import build_manifest, records_from_table
+from pipeline.io.attention_store import AttentionStoreWriter, open_attention_store
+from pipeline.io.manifest import build_manifest, records_from_table
+from pipeline.io.resumable import PartStore
 from pipeline.models import adapter_options, load_adapter, wrap_model
 from pipeline.models.qwen2_5_vl import Qwen25VLAdapter, Resolution
-from pipeline.models.toy_qwen import build_toy_qwen, save_toy_qwen
-from pipeline.resumable import PartStore
+from pipeline.teacher.attention_capture import capture_attention
+from pipeline.teacher.decode import DecodeParams, decode_batch, decode_manifest
+from pipeline.teacher.dump import DumpParams, dump_attention, max_visual_tokens
+from pipeline.teacher.labels import LabelParams, label_store
 from tests.conftest import WORDS
+from toymodels.qwen import build_toy_qwen, save_toy_qwen
 
 # (width, height): 1:1, 16:9, 9:16, 3:1
 SIZES = [(84, 84), (160, 90), (90, 160), (168, 56)]

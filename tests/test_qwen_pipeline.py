@@ -23,10 +23,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.contracts import read_parquet
+from pipeline.io.contracts import read_parquet
 from pipeline.models import wrap_model
-from pipeline.models.toy_qwen import build_toy_qwen, save_toy_qwen
 from tests.conftest import WORDS
+from toymodels.qwen import build_toy_qwen, save_toy_qwen
 
 ROOT = Path(__file__).resolve().parent.parent
 # (width, height): 1:1, 16:9, 9:16, 3:1

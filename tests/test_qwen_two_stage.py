@@ -13,13 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.decode import decode_batch
+from pipeline.inference.roi import RoI, RoIParams
+from pipeline.inference.two_stage import (
+    Crop,
+    build_stage2_inputs,
+    crop_grid,
+    crops_from_roi,
+    masked_keep,
+    two_stage_batch,
+)
 from pipeline.models import wrap_model
 from pipeline.models.qwen2_5_vl import Qwen25VLAdapter
-from pipeline.models.toy_qwen import build_toy_qwen
-from pipeline.roi import RoI, RoIParams
-from pipeline.two_stage import Crop, build_stage2_inputs, crop_grid, crops_from_roi, masked_keep, two_stage_batch
+from pipeline.teacher.decode import decode_batch
 from tests.conftest import WORDS
+from toymodels.qwen import build_toy_qwen
 
 # (width, height): 1:1, 16:9, 9:16, 3:1
 SIZES = [(84, 84), (160, 90), (90, 160), (168, 56)]
@@ -292,9 +299,9 @@ def test_batched_equals_one_by_one(qwen, mode):
 
 def test_stage1_features_are_the_vision_towers_and_stage2_skips_the_originals(qwen):
     """With stage 1's visual tokens, stage 2 runs the tower over the crops only, and builds the same inputs."""
-    from pipeline.evaluate import rpn_maps
-    from pipeline.rpn import RPN
-    from pipeline.two_stage import Stage1Output
+    from pipeline.inference.evaluate import rpn_maps
+    from pipeline.inference.two_stage import Stage1Output
+    from pipeline.student.rpn import RPN
 
     images = aspect_images(4)
     rpn = RPN.from_base(qwen, 1, 1).eval()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.attention_store import AttentionStoreWriter
-from pipeline.labels import LabelParams, label_store
+from pipeline.io.attention_store import AttentionStoreWriter
+from pipeline.teacher.labels import LabelParams, label_store
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.roi import RoIParams, gaussian_kernel1d, postprocess, smooth
+from pipeline.inference.roi import RoIParams, gaussian_kernel1d, postprocess, smooth
 
 # --- the slow reference -----------------------------------------------------------------------
 

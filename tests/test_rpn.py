@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from pipeline.models import load_adapter, wrap_model
-from pipeline.models.toy import ToyLlavaSizes, build_toy_llava
-from pipeline.rpn import GRID_CONVENTION, RPN, CheckpointMismatch, masked_bce, take_positions
+from pipeline.student.rpn import GRID_CONVENTION, RPN, CheckpointMismatch, masked_bce, take_positions
 from tests.conftest import WORDS, random_images
+from toymodels.llava import ToyLlavaSizes, build_toy_llava
 
 QUESTIONS = ["what is in the red box ?", "what colour ?", "a b c d e f g h is the shape in the blue box ?"]
 
@@ -192,7 +192,7 @@ def test_checkpoint_loads_on_a_bf16_reload_and_refuses_other_models(adapter, toy
 
 def test_qwen_rpn_reproduces_base_layer_scores():
     """Same identity on Qwen2.5-VL: M-RoPE through adapter.rotate, GQA, per-sample grids (padded visual slots)."""
-    toy_qwen = pytest.importorskip("pipeline.models.toy_qwen")
+    toy_qwen = pytest.importorskip("toymodels.qwen")
     model, processor = toy_qwen.build_toy_qwen(WORDS)
     model.set_attn_implementation("sdpa")
     adapter = wrap_model(model, processor, "toy-qwen")
@@ -226,7 +226,7 @@ def test_qwen_rpn_reproduces_base_layer_scores():
 
 
 def test_masked_mse_ignores_unlabelled_tokens():
-    from pipeline.rpn import masked_mse
+    from pipeline.student.rpn import masked_mse
 
     logits = torch.tensor([[0.0, 2.0, -1.0]], requires_grad=True)
     targets = torch.tensor([[0.5, -1.0, 1.0]])

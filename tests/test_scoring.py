@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.scoring import exact_match, multiple_choice, normalize, score, vqa_soft
+from pipeline.inference.scoring import exact_match, multiple_choice, normalize, score, vqa_soft
 
 
 def test_normalize_and_exact():

@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from pipeline.models import wrap_model
-from pipeline.models.toy import ToyLlavaSizes, build_toy_llava
-from pipeline.rpn import RPN
-from pipeline.train import Sample, TrainParams, join_samples, lr_at, make_micro, split_holdout, train_rpn
+from pipeline.student.rpn import RPN
+from pipeline.student.train import Sample, TrainParams, join_samples, lr_at, make_micro, split_holdout, train_rpn
 from tests.conftest import WORDS, random_images
+from toymodels.llava import ToyLlavaSizes, build_toy_llava
 
 FG = [5, 6, 9, 10]  # the centre of the 4x4 grid
 BG = [0, 1, 2, 3, 12, 15]

@@ -7,16 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.decode import decode_batch
-from pipeline.models.geometry import (
-    ViewSpec,
-    grid_box_to_source,
-    grid_frame,
-    source_box_to_grid,
-    source_box_to_span,
-)
-from pipeline.roi import RoI, RoIParams, postprocess
-from pipeline.two_stage import (
+from pipeline.inference.roi import RoI, RoIParams, postprocess
+from pipeline.inference.two_stage import (
     Crop,
     build_stage2_inputs,
     crops_from_roi,
@@ -24,6 +16,14 @@ from pipeline.two_stage import (
     masked_keep,
     two_stage_batch,
 )
+from pipeline.models.geometry import (
+    ViewSpec,
+    grid_box_to_source,
+    grid_frame,
+    source_box_to_grid,
+    source_box_to_span,
+)
+from pipeline.teacher.decode import decode_batch
 from tests.conftest import random_images
 
 QUESTIONS = ["what is in the red box ?", "what is in the box ?", "a b c", "what colour is the shape ?", "a b"]

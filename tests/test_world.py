@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.world import (
+from pipeline.world.generator import (
     COLOURS,
     GLYPH_MASKS,
     TEXTURE_TILES,

@@ -12,14 +12,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
 
-if TYPE_CHECKING:  # pipeline.two_stage imports this module
-    from pipeline.two_stage import Crop
+from pipeline.models.geometry import Crop
 
 
 @dataclass
@@ -172,12 +170,12 @@ class ModelAdapter(ABC):
         ``crops`` holds, per sample, crops that keep at least one token, with keep-masks (if any) on the crop's
         grid ``crop_grid(box width, box height)``. A sample without crops gets exactly its baseline prompt.
         ``encode_originals=False`` leaves the original views' embeddings as zeros (for callers that take the
-        prefix from a cache, :mod:`pipeline.prefix_cache`). ``original_features`` are the original views' visual
-        tokens as stage 1 computed them (:meth:`capture_image_features`), used instead of encoding them again.
+        prefix from a cache, :mod:`pipeline.inference.prefix_cache`). ``original_features`` are the original views'
+        visual tokens as stage 1 computed them (:meth:`capture_image_features`), used instead of encoding them again.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement two-stage inference")
 
-    #: Whether stage 2 may start from stage 1's cache of the shared prefix (:mod:`pipeline.prefix_cache`):
+    #: Whether stage 2 may start from stage 1's cache of the shared prefix (:mod:`pipeline.inference.prefix_cache`):
     #: needs positions that count real tokens from each row's first one (1-D rotary from the padding mask).
     supports_prefix_reuse: bool = False
 

@@ -13,7 +13,7 @@ there is a centre crop):
 3. optional centre crop to ``crop_hw`` at ``((resized - crop) // 2)`` per axis.
 
 Conventions: grid boxes are ``(y0, x0, y1, x1)`` with inclusive token indices (as
-:mod:`pipeline.roi` makes them); source boxes are ``(x0, y0, x1, y1)`` pixels with the far edge
+:mod:`pipeline.inference.roi` makes them); source boxes are ``(x0, y0, x1, y1)`` pixels with the far edge
 exclusive (``PIL.Image.crop`` order). Arithmetic is exact (fractions), so results do not depend on
 float rounding.
 """
@@ -24,9 +24,26 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
+
 GridBox = tuple[int, int, int, int]  # (y0, x0, y1, x1), inclusive token indices
 SourceBox = tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels, far edge exclusive
 GridSpan = tuple[float, float, float, float]  # (y0, x0, y1, x1) continuous grid coordinates, far edge exclusive
+
+
+@dataclass
+class Crop:
+    """One region to look at again: a source-pixel box and, for masked upscaling, the tokens to keep.
+
+    ``keep`` is a bool (h, w) mask on the crop's own visual grid (row-major, like the tokens);
+    None keeps every token.
+    """
+
+    box: SourceBox
+    keep: np.ndarray | None = None
+
+    def n_tokens(self, grid_hw: tuple[int, int]) -> int:
+        return int(self.keep.sum()) if self.keep is not None else grid_hw[0] * grid_hw[1]
 
 
 @dataclass(frozen=True)

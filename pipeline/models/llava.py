@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -11,10 +10,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.models.base import Batch, ModelAdapter, Stage2Inputs, left_pad
-from pipeline.models.geometry import ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
-
-if TYPE_CHECKING:
-    from pipeline.two_stage import Crop
+from pipeline.models.geometry import Crop, ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
 
 
 class LlavaAdapter(ModelAdapter):

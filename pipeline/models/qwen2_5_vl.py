@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +33,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from pipeline.models.base import Batch, ModelAdapter, Stage2Inputs, left_pad
-from pipeline.models.geometry import ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
-
-if TYPE_CHECKING:
-    from pipeline.two_stage import Crop
+from pipeline.models.geometry import Crop, ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
 
 RESOLUTION_MODES = ("native", "fixed")
 

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.images import load_images
+from pipeline.io.images import load_images
 from pipeline.models.base import Batch, ModelAdapter
-from pipeline.rpn import RPN, masked_bce, masked_mse
+from pipeline.student.rpn import RPN, masked_bce, masked_mse
 
 STATE_NAME = "state.pt"
 PLOT_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm")

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.attention_store import AttentionStore, open_attention_store
-from pipeline.contracts import write_parquet
+from pipeline.io.attention_store import AttentionStore, open_attention_store
+from pipeline.io.contracts import write_parquet
 
 SINK_METHODS = ("norm", "attention", "none")
 # skip_code -> skip_reason; code 0 means kept (null reason).

@@ -1,6 +1,6 @@
 """Stage 2 of SD-RPN inference: answer with the original view plus high-resolution crops (SPEC 3.4-3.5).
 
-Crops come from an RoI (:mod:`pipeline.roi`) on the first stage's probability map: one per component box
+Crops come from an RoI (:mod:`pipeline.inference.roi`) on the first stage's probability map: one per component box
 (box upscaling) or one of the box enclosing them all with a keep-mask on the crop's own grid (masked
 upscaling). Everything family-specific happens behind the adapter (:meth:`ModelAdapter.stage2_inputs`): each
 crop is cut from the source image, encoded by the model's own image processor and vision tower like an
@@ -17,13 +17,13 @@ of transformers.
   (fixed size, or native within the pixel budget), positions as the model computes them for a second image.
 
 A sample without crops gets exactly the baseline prompt and inputs, so its answer is the one
-:func:`pipeline.decode.decode_batch` gives.
+:func:`pipeline.teacher.decode.decode_batch` gives.
 
 When stage 1 hands over its prefix cache (:class:`Stage1Output`, from ``rpn_maps(rpn, reuse_prefix=True)``),
 stage 2 neither encodes the original view again nor runs the first ``B`` layers over the prompt's shared
-prefix (:mod:`pipeline.prefix_cache`); families without prefix reuse (Qwen2.5-VL) get stage 1's visual tokens of
-the original view instead (``Stage1Output.features``), so only the crops go through the vision tower. The
-answers are the same.
+prefix (:mod:`pipeline.inference.prefix_cache`); families without prefix reuse (Qwen2.5-VL) get stage 1's
+visual tokens of the original view instead (``Stage1Output.features``), so only the crops go through the
+vision tower. The answers are the same.
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.decode import response_row
+from pipeline.inference.prefix_cache import PrefixState, prefix_generate_inputs
+from pipeline.inference.roi import RoI, RoIParams, UpscaleMode, postprocess
 from pipeline.models.base import ModelAdapter, Stage2Inputs
-from pipeline.prefix_cache import PrefixState, prefix_generate_inputs
-from pipeline.roi import RoI, RoIParams, UpscaleMode, postprocess
-
-SourceBox = tuple[int, int, int, int]  # (x0, y0, x1, y1) source pixels, far edge exclusive
+from pipeline.models.geometry import Crop, SourceBox
+from pipeline.teacher.decode import response_row
 
 
 @dataclass
@@ -55,21 +54,6 @@ class Stage1Output:
 MapSource = (
     Sequence[np.ndarray] | Stage1Output | Callable[[list[Image.Image], list[str]], Sequence[np.ndarray] | Stage1Output]
 )
-
-
-@dataclass
-class Crop:
-    """One region to look at again: a source-pixel box and, for masked upscaling, the tokens to keep.
-
-    ``keep`` is a bool (h, w) mask on the crop's own visual grid (row-major, like the tokens);
-    None keeps every token.
-    """
-
-    box: SourceBox
-    keep: np.ndarray | None = None
-
-    def n_tokens(self, grid_hw: tuple[int, int]) -> int:
-        return int(self.keep.sum()) if self.keep is not None else grid_hw[0] * grid_hw[1]
 
 
 def masked_keep(
@@ -173,8 +157,8 @@ def generate_with_crops(
 ) -> list[dict]:
     """Greedy answers from the original view plus each sample's crops (none: the baseline answer).
 
-    With ``prefix`` (stage 1's :class:`~pipeline.prefix_cache.PrefixState` for the same rows) the shared prompt
-    prefix comes from stage 1's cache instead of being encoded again; with ``features`` (stage 1's visual tokens
+    With ``prefix`` (stage 1's :class:`~pipeline.inference.prefix_cache.PrefixState` for the same rows) the shared
+    prompt prefix comes from stage 1's cache instead of being encoded again; with ``features`` (stage 1's visual tokens
     of the same images) the original views skip the vision tower. Same answers, less work.
     """
     reuse = prefix is not None and adapter.supports_prefix_reuse

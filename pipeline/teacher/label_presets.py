@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.labels import LabelParams
+from pipeline.teacher.labels import LabelParams
 
 # Reference-code extras shared by every model (SPEC 1.4): strict inequalities, drop big fg boxes.
 _REFERENCE = {"strict": True, "max_box_frac": 0.5}

@@ -8,9 +8,9 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from pipeline.images import load_images
+from pipeline.io.images import load_images
+from pipeline.io.resumable import PartStore
 from pipeline.models.base import ModelAdapter
-from pipeline.resumable import PartStore
 
 RESPONSE_COLUMNS = pa.schema(
     [

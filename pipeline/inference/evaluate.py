@@ -18,15 +18,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.attention_capture import capture_attention
-from pipeline.decode import decode_batch
-from pipeline.images import load_images
-from pipeline.label_report import gt_token_masks
+from pipeline.inference.roi import RoI, RoIParams
+from pipeline.inference.scoring import score
+from pipeline.inference.two_stage import Stage1Output, two_stage_batch
+from pipeline.io.images import load_images
 from pipeline.models.base import ModelAdapter
-from pipeline.roi import RoI, RoIParams
-from pipeline.rpn import RPN
-from pipeline.scoring import score
-from pipeline.two_stage import Stage1Output, two_stage_batch
+from pipeline.student.rpn import RPN
+from pipeline.teacher.attention_capture import capture_attention
+from pipeline.teacher.decode import decode_batch
+from pipeline.teacher.label_report import gt_token_masks
 
 PREDICTION_COLUMNS = pa.schema(
     [

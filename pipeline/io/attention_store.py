@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.contracts import ContractError, load_schema
+from pipeline.io.contracts import ContractError, load_schema
 
 SCHEMA_NAME = "attention_store"
 MIN_CHUNK_SAMPLES = 256

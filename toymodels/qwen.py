@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from pipeline.models.qwen2_5_vl import QwenVLProcessor
-from pipeline.models.toy import word_level_tokenizer
+from toymodels.llava import word_level_tokenizer
 
 # The order of Qwen2.5-VL's own vocabulary (151643 = <|endoftext|>, ...); ids differ in the toy.
 SPECIAL_TOKENS = [

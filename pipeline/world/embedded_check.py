@@ -6,10 +6,10 @@ accuracy (greedy decoding on CPU in float32 is deterministic).
 
 from __future__ import annotations
 
-from pipeline.decode import decode_batch
+from pipeline.inference.two_stage import Crop, generate_with_crops
 from pipeline.models.base import ModelAdapter
-from pipeline.two_stage import Crop, generate_with_crops
-from pipeline.world import WorldParams, crop_box, generate_sample
+from pipeline.teacher.decode import decode_batch
+from pipeline.world.generator import WorldParams, crop_box, generate_sample
 
 
 def world_accuracy(

@@ -53,7 +53,7 @@ class Schema:
 
 def _schemas_dir() -> Path:
     # schemas/ lives at the repository root; fall back to the installed copy next to the package.
-    here = Path(__file__).resolve().parent.parent / "schemas"
+    here = Path(__file__).resolve().parents[2] / "schemas"
     if here.is_dir():
         return here
     return Path(str(resources.files("pipeline") / "_schemas"))

@@ -3,7 +3,7 @@
 smooth (Gaussian) -> binarise at ``tau`` -> 8-connected components -> the reference filters
 (drop area-1 components, grow tiny ones to at least 3x3, drop components over ``max_area``
 tokens). The result holds the kept mask, one inclusive grid box per kept component and the box
-enclosing them all; :mod:`pipeline.two_stage` turns it into crops.
+enclosing them all; :mod:`pipeline.inference.two_stage` turns it into crops.
 
 Smoothing matches the reference exactly: it blurs with ``torchvision`` ``gaussian_blur``
 (3x3, sigma 1, 'reflect' padding), which is the same operation as ``cv2.GaussianBlur`` with its

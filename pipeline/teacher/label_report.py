@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.attention_store import AttentionStore
-from pipeline.labels import LabelParams, assign_labels
+from pipeline.io.attention_store import AttentionStore
+from pipeline.teacher.labels import LabelParams, assign_labels
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.attention_capture import capture_attention
-from pipeline.attention_store import AttentionStoreWriter
-from pipeline.images import load_images
+from pipeline.io.attention_store import AttentionStoreWriter
+from pipeline.io.images import load_images
 from pipeline.models.base import ModelAdapter
+from pipeline.teacher.attention_capture import capture_attention
 
 
 @dataclass

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.inference.prefix_cache import PrefixState, prefix_state
 from pipeline.models.base import Batch, ModelAdapter
-from pipeline.prefix_cache import PrefixState, prefix_state
 
 GRID_CONVENTION = "row-major visual tokens of the first image"
 WEIGHTS_NAME = "rpn.safetensors"

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.images import probe_image
+from pipeline.io.images import probe_image
 
 MANIFEST_COLUMNS = pa.schema(
     [

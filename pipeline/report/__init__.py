@@ -1,0 +1,1 @@
+"""Human-facing views of the artifacts: per-sample inspect pictures and the summary table."""
