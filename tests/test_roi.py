@@ -1,4 +1,9 @@
-"""RoI post-processing against a slow, independent reference: explicit convolution, flood fill, the filters."""
+"""RoI post-processing against slow, independent references: explicit convolution, flood fill, the filters.
+
+``sep_smooth`` is the hand-written separable blur ``pipeline.inference.roi.smooth`` used before it became
+``scipy.ndimage.gaussian_filter``; the scipy version must agree with it (and with a direct 2-D convolution)
+to float64 rounding, and binarise identically.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference.roi import RoIParams, gaussian_kernel1d, postprocess, smooth
+from pipeline.inference.roi import RoIParams, postprocess, smooth
 
 # --- the slow reference -----------------------------------------------------------------------
+
+
+def gaussian_kernel1d(size: int, sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps, as cv2.getGaussianKernel / torchvision build them for sigma > 0."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    k = np.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def sep_smooth(prob: np.ndarray, size: int = 3, sigma: float = 1.0) -> np.ndarray:
+    """The former hand-written blur: separable Gaussian, numpy reflect-101 padding, one axis at a time."""
+    prob = np.asarray(prob, dtype=np.float64)
+    if sigma <= 0 or size == 1:
+        return prob.copy()
+    k = gaussian_kernel1d(size, sigma)
+    r = size // 2
+    out = prob
+    for axis in (0, 1):
+        n = out.shape[axis]
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        # numpy's 'reflect' is reflect-101 (repeated for pads longer than the axis); a length-1 axis
+        # mirrors onto itself, which numpy only accepts as 'edge'.
+        padded = np.pad(out, pad, mode="reflect" if n > 1 else "edge")
+        out = sum(k[i] * (padded[i : i + n] if axis == 0 else padded[:, i : i + n]) for i in range(size))
+    return out
 
 
 def ref_smooth(prob: np.ndarray, size: int, sigma: float) -> np.ndarray:
@@ -124,7 +155,48 @@ def random_map(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def test_kernel_matches_cv2_for_sigma_1():
     # cv2.getGaussianKernel(3, 1.0) -> [0.27406862, 0.45186276, 0.27406862]
-    np.testing.assert_allclose(gaussian_kernel1d(3, 1.0), [0.27406862, 0.45186276, 0.27406862], atol=1e-8)
+    cv2_taps = [0.27406862, 0.45186276, 0.27406862]
+    np.testing.assert_allclose(gaussian_kernel1d(3, 1.0), cv2_taps, atol=1e-8)
+    delta = np.zeros((5, 5))
+    delta[2, 2] = 1.0  # the blur of a centred impulse is the 2-D kernel itself
+    np.testing.assert_allclose(smooth(delta, 3, 1.0)[1:4, 1:4], np.outer(cv2_taps, cv2_taps), atol=1e-8)
+
+
+SMOOTH_SHAPES = [(1, 1), (1, 2), (1, 7), (1, 24), (2, 1), (9, 1), (24, 1), (2, 2), (2, 3), (3, 3), (5, 9), (24, 24)]
+SMOOTH_SETTINGS = [(3, 1.0), (3, 0.5), (5, 1.0), (5, 1.5), (7, 0.8), (7, 2.3), (3, 0.0), (5, 0.0), (1, 1.0)]
+
+
+@pytest.mark.parametrize(("size", "sigma"), SMOOTH_SETTINGS)
+def test_scipy_smooth_equals_hand_written_blur(size, sigma):
+    """gaussian_filter(mode='mirror', radius) vs the former separable blur and a direct 2-D convolution."""
+    rng = np.random.default_rng(size * 100 + int(sigma * 10))
+    noop = sigma <= 0 or size == 1
+    for h, w in SMOOTH_SHAPES * 4:
+        prob = rng.random((h, w))
+        got = smooth(prob, size, sigma)
+        assert got.dtype == np.float64 and got.shape == (h, w)
+        expected = sep_smooth(prob, size, sigma)
+        if noop:
+            np.testing.assert_array_equal(got, prob)  # a copy, bit for bit
+            assert got is not prob
+        # Different summation order only: a few ulps on values <= 1.
+        assert np.abs(got - expected).max() <= 1e-12
+        if max(h, w) <= 9:
+            assert np.abs(got - ref_smooth(prob, size, sigma)).max() <= 1e-12
+
+
+def test_scipy_smooth_binarises_like_hand_written_blur():
+    """At tau, masks are identical on maps like the embedded default's: float32 sigmoid outputs on small grids."""
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        h, w = [(24, 24), (16, 16), (12, 12), (7, 7), (1, 16), (16, 1)][trial % 6]
+        logits = rng.normal(-4, 2, (h, w))
+        for _ in range(rng.integers(0, 4)):  # a few confident blobs, as the RPN draws them
+            y, x, r = rng.integers(0, h), rng.integers(0, w), rng.integers(0, 3)
+            logits[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1] += rng.uniform(2, 10)
+        prob = (1 / (1 + np.exp(-logits))).astype(np.float32)
+        for tau in (0.15, 0.2, 0.3):
+            np.testing.assert_array_equal(smooth(prob) > tau, sep_smooth(prob) > tau)
 
 
 def test_smooth_matches_torch_reflect_padding():

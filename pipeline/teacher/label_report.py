@@ -1,9 +1,12 @@
 """How well attention and labels localise, where ground-truth boxes exist (DVC metrics + paper Fig. 3).
 
-For the raw layer/head-mean attention map (fg rule applied without sink removal) and for the final
-labels: precision (share of fg tokens inside the GT box), recall (share of the GT box's tokens
-labelled fg), and the argmax-inside-box rate; plus the histogram of Fig. 3, the share of tokens inside
-the GT box per bin of a / a_max, and what the sink detector removed.
+For the raw layer/head-mean attention map (the labels' fg rule, ``strict`` included, applied without sink
+removal) and for the final labels: precision (share of fg tokens inside the GT box), recall (share of
+the GT box's tokens labelled fg), and the argmax-inside-box rate (argmax of the map after sink removal
+for the labels); plus the histogram of Fig. 3, the share of tokens inside the GT box per bin of
+a / a_max, and what the sink detector removed, with the max/median hidden-norm ratio on the layer the
+sink detector reads. Labels, maps and sinks come from :func:`pipeline.teacher.labels.label_block`, the
+``label`` stage's own code path, so the label figures describe exactly the labels that stage writes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.io.attention_store import AttentionStore
-from pipeline.teacher.labels import LabelParams, assign_labels
+from pipeline.teacher.labels import LabelParams, fg_mask, label_block, label_plan
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -68,29 +71,19 @@ def label_quality(
     raw, final = _Acc(bins), _Acc(bins)
     n_sink = sink_in_box = n_samples = n_kept = 0
     norm_ratio: list[np.ndarray] = []
-    layer_pos = None
+    norm_pos = label_plan(params, store.layers, store.heads).sink_norm_pos
     for block in store.iter_chunks():
         sel = has_gt[block.start : block.stop]
         if not sel.any():
             continue
-        out = assign_labels(
-            block.attention,
-            block.hidden_norm,
-            block.grid,
-            block.sample_ids,
-            params,
-            store_layers=store.layers,
-            store_heads=store.heads,
-            n_response=block.n_response,
-            return_maps=True,
-        )
+        out = label_block(store, block, params, return_maps=True)
         v = out["map"].shape[1]
         nv = (block.grid[:, 0] * block.grid[:, 1])[sel]
         real = np.arange(v) < nv[:, None]
         gt = gt_masks[block.start : block.stop, :v][sel] & real
         raw_map = out["raw_map"][sel]
-        raw_max = np.where(real, raw_map, -np.inf).max(1, keepdims=True)
-        raw.add(raw_map, real & (raw_map >= params.tau_fg * raw_max) & (raw_max > 0), gt, real)
+        raw_max = np.where(real, raw_map, -np.inf).max(1)
+        raw.add(raw_map, fg_mask(raw_map, raw_max, params, real), gt, real)
         kept = out["kept"][sel]
         labels = out["labels"][sel][:, :v]
         final.add(out["map"][sel][kept], (labels == 1)[kept], gt[kept], real[kept])
@@ -99,9 +92,7 @@ def label_quality(
         sink_in_box += int((sink & gt).sum())
         n_samples += int(sel.sum())
         n_kept += int(kept.sum())
-        if layer_pos is None:
-            layer_pos = 0 if params.sink_norm_layer is None else list(store.layers).index(params.sink_norm_layer)
-        norms = block.hidden_norm[sel][:, layer_pos, :v]
+        norms = block.hidden_norm[sel][:, norm_pos, :v]
         med = np.array([np.median(nr[:k]) for nr, k in zip(norms, nv, strict=True)])
         norm_ratio.append(np.where(real, norms, 0).max(1) / np.maximum(med, 1e-12))
     ratios = np.concatenate(norm_ratio) if norm_ratio else np.array([np.nan])

@@ -4,6 +4,12 @@ Numerics are pinned so a plain loop can reproduce them bit for bit: the map is t
 selected heads (summed in the given order) of each layer, then the float64 mean over layers; with a
 single (layer, head-mean) selection it is the stored float32 value. Thresholds are ``tau * a_max`` in
 float64; the norm median is taken in float64.
+
+Every consumer of the label rules goes through this module's public pieces, so they cannot drift:
+:func:`label_block` labels a block of an attention store exactly as the ``label`` stage does (the stage,
+``label_report`` and ``inspect`` call it), :func:`label_plan` resolves params to store axis positions
+(incl. the sink detector's norm layer), :func:`attention_map` is the layer/head aggregation (also used
+for the raw-attention ablation in ``evaluate``) and :func:`fg_mask` the foreground rule.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.io.attention_store import AttentionStore, open_attention_store
+from pipeline.io.attention_store import AttentionStore, Block, open_attention_store
 from pipeline.io.contracts import write_parquet
 
 SINK_METHODS = ("norm", "attention", "none")
@@ -76,16 +82,23 @@ class LabelParams:
         return asdict(self)
 
 
+Select = list[tuple[int, list[int] | None]]  # (layer position, head positions or None for the head-mean axis)
+
+
 @dataclass(frozen=True)
-class _Plan:
+class LabelPlan:
     """Params resolved to axis positions of a block."""
 
-    select: list[tuple[int, list[int] | None]]  # (layer position, head positions or None for head-mean axis)
-    sink_norm_pos: int
-    sink_attn: tuple[int, list[int] | None] | None
+    select: Select  # what :func:`attention_map` averages into the map
+    sink_norm_pos: int  # layer position of the norms the "norm" sink detector reads
+    sink_attn: tuple[int, list[int] | None] | None  # "attention" variant: (layer position, head positions)
 
 
-def _plan(params: LabelParams, store_layers: Sequence[int], store_heads: Sequence[int] | None) -> _Plan:
+def label_plan(params: LabelParams, store_layers: Sequence[int], store_heads: Sequence[int] | None) -> LabelPlan:
+    """Resolve ``params`` against the stored layers/heads (``store_heads`` None: the store holds the head-mean).
+
+    The norm layer is ``sink_norm_layer``, else the first label layer. Raises ValueError naming the bad field.
+    """
     layer_pos = {int(lay): i for i, lay in enumerate(store_layers)}
     head_pos = None if store_heads is None else {int(h): i for i, h in enumerate(store_heads)}
 
@@ -119,11 +132,15 @@ def _plan(params: LabelParams, store_layers: Sequence[int], store_heads: Sequenc
     sink_attn = None
     if params.sink_method == "attention":
         sink_attn = (lpos(params.sink_attn_layer, "sink_attn_layer"), hpos(params.sink_attn_heads, "sink_attn_heads"))
-    return _Plan(select, lpos(norm_layer, "sink_norm_layer"), sink_attn)
+    return LabelPlan(select, lpos(norm_layer, "sink_norm_layer"), sink_attn)
 
 
-def _mean_map(attention: np.ndarray, select: list[tuple[int, list[int] | None]]) -> np.ndarray:
-    """Mean over heads per layer, then over layers; returns the stored values untouched for one map."""
+def attention_map(attention: np.ndarray, select: Select) -> np.ndarray:
+    """(n, V) map: mean over the selected heads of each layer, then over layers (float64, summed in order).
+
+    ``attention`` is (n, L, V) head-mean or (n, L, H, V) per-head; ``select`` as in :class:`LabelPlan`. A
+    single stored map (one layer, head-mean or one head) comes back untouched, in the stored dtype.
+    """
     if len(select) == 1 and (select[0][1] is None or len(select[0][1]) == 1):
         lp, hp = select[0]
         return attention[:, lp] if hp is None else attention[:, lp, hp[0]]
@@ -139,6 +156,21 @@ def _mean_map(attention: np.ndarray, select: list[tuple[int, list[int] | None]])
             layer_map /= len(hp)
         total = layer_map if total is None else total + layer_map
     return total / len(select) if len(select) > 1 else total
+
+
+def fg_mask(a: np.ndarray, a_max: np.ndarray, params: LabelParams, real: np.ndarray | None = None) -> np.ndarray:
+    """Foreground rule: ``a > tau_fg * a_max`` when ``strict`` else ``>=``, threshold in float64.
+
+    ``a`` (n, V), ``a_max`` (n,); rows whose ``a_max`` is not positive have no fg; ``real`` (n, V), when
+    given, masks out padding.
+    """
+    a_max = np.asarray(a_max)
+    thr = params.tau_fg * a_max.astype(np.float64)[:, None]
+    fg = a > thr if params.strict else a >= thr
+    fg[~(a_max > 0)] = False
+    if real is not None:
+        fg &= real
+    return fg
 
 
 def _check_finite(x: np.ndarray, real: np.ndarray | None, sample_ids: Sequence[str], field: str) -> None:
@@ -197,7 +229,7 @@ def assign_labels(
         store_layers = range(n_layers)
     if per_head and store_heads is None:
         store_heads = range(attention.shape[2])
-    plan = _plan(params, store_layers, store_heads if per_head else None)
+    plan = label_plan(params, store_layers, store_heads if per_head else None)
 
     grid = np.asarray(grid, dtype=np.int64).reshape(n, 2)
     gh, gw = grid[:, 0], grid[:, 1]
@@ -218,18 +250,14 @@ def assign_labels(
     )
     _check_finite(hidden_norm, None if real is None else real[:, None], sample_ids, "hidden_norm")
 
-    a = raw_map = _mean_map(attention, plan.select)
+    a = raw_map = attention_map(attention, plan.select)
     sink, sink_tau = _sinks(attention, hidden_norm, params, plan, real, nv, uniform)
     if sink is not None:
         a = np.where(sink, a.dtype.type(0), a)
     a_max = (a if real is None else np.where(real, a, -np.inf)).max(axis=1, initial=-np.inf)
     zero = ~(a_max > 0)
-    thr_fg = params.tau_fg * a_max.astype(np.float64)[:, None]
+    fg = fg_mask(a, a_max, params, real)
     thr_bg = params.tau_bg * a_max.astype(np.float64)[:, None]
-    fg = a > thr_fg if params.strict else a >= thr_fg
-    fg[zero] = False
-    if real is not None:
-        fg &= real
 
     if uniform:
         y0, x0, y1, x1, in_box = _box_uniform(fg, int(gh[0]), int(gw[0]))
@@ -296,7 +324,7 @@ def assign_labels(
     }
 
 
-def _sinks(attention, hidden_norm, params: LabelParams, plan: _Plan, real, nv, uniform):
+def _sinks(attention, hidden_norm, params: LabelParams, plan: LabelPlan, real, nv, uniform):
     """Sink mask (None when sink_method is "none") and the per-sample norm threshold (NaN otherwise)."""
     n = len(attention)
     tau = np.full(n, np.nan)
@@ -311,7 +339,7 @@ def _sinks(attention, hidden_norm, params: LabelParams, plan: _Plan, real, nv, u
         sink = norms > tau[:, None]
     else:
         lp, hp = plan.sink_attn
-        s = _mean_map(attention, [(lp, hp)])
+        s = attention_map(attention, [(lp, hp)])
         # np.float64: a bare Python float would be cast down to the map's float32 (NEP 50)
         sink = s >= np.float64(params.sink_attn_threshold)
     if real is not None:
@@ -349,6 +377,26 @@ def _box_ragged(fg: np.ndarray, gw: np.ndarray):
     x1 = np.where(has, np.where(fg, c, -1).max(axis=1), -1)
     in_box = (r >= y0[:, None]) & (r <= y1[:, None]) & (c >= x0[:, None]) & (c <= x1[:, None])
     return y0, x0, y1, x1, in_box
+
+
+def label_block(
+    store: AttentionStore, block: Block, params: LabelParams, return_maps: bool = False
+) -> dict[str, np.ndarray]:
+    """:func:`assign_labels` on one block of ``store``, with the store's layer/head names and response counts.
+
+    The ``label`` stage writes exactly these labels; reports and inspection call this too, so they see them.
+    """
+    return assign_labels(
+        block.attention,
+        block.hidden_norm,
+        block.grid,
+        block.sample_ids,
+        params,
+        store_layers=store.layers,
+        store_heads=store.heads,
+        n_response=block.n_response,
+        return_maps=return_maps,
+    )
 
 
 def labels_table(out: dict[str, np.ndarray], sample_ids: np.ndarray) -> pa.Table:
@@ -401,17 +449,7 @@ def label_store(
     ids: list[np.ndarray] = []
     with tqdm(total=store.n_samples, desc="label", unit="sample", disable=not progress) as bar:
         for block in store.iter_chunks():
-            out = assign_labels(
-                block.attention,
-                block.hidden_norm,
-                block.grid,
-                block.sample_ids,
-                params,
-                store_layers=store.layers,
-                store_heads=store.heads,
-                n_response=block.n_response,
-            )
-            parts.append(out)
+            parts.append(label_block(store, block, params))
             ids.append(block.sample_ids)
             bar.update(block.stop - block.start)
     merged = _concat(parts)
