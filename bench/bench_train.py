@@ -21,7 +21,8 @@ from PIL import Image
 from shapes import EMBEDDED, LLAVA7B, WORDS
 
 from pipeline.models import wrap_model
-from pipeline.student.train import Sample, TrainParams, train_rpn
+from pipeline.student.params import TrainParams
+from pipeline.student.train import Sample, train_rpn
 from toymodels.llava import build_toy_llava
 
 PAPER_SAMPLES_PER_S = 152_000 / (2 * 3600)  # ~21: 152K samples in ~2 h on 4x A6000

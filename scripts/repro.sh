@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/sdrpn ] || bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 dvc repro "$@"
-dvc metrics show
+sdrpn report

@@ -6,11 +6,14 @@ from pathlib import Path
 
 import click
 
+from pipeline.config import ModelParams
 from pipeline.io.contracts import read_parquet, write_parquet
 from pipeline.io.resumable import PartStore, job_key
-from pipeline.models import adapter_options, load_adapter
-from pipeline.teacher.decode import DecodeParams, decode_manifest
-from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
+from pipeline.models import load_adapter
+from pipeline.teacher.decode import decode_manifest
+from pipeline.teacher.params import DecodeParams
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option
+from stages.params import section
 
 
 @click.command("decode")
@@ -27,18 +30,17 @@ from stages.common import fingerprints, load_section, model_fingerprint, params_
 )
 def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress: bool, work_dir: Path) -> None:
     """Write RESPONSES_OUT: the model's greedy answer to each question in MANIFEST_PATH."""
-    model = load_section(params_path, "model")
-    params = to_dataclass(DecodeParams, load_section(params_path, "decode"), "decode")
+    model = section(params_path, "model", ModelParams)
+    params = section(params_path, "decode", DecodeParams)
     manifest = read_parquet(manifest_path, "manifest")
     inputs = fingerprints(manifest_path)
-    inputs[model["path"]] = model_fingerprint(model["path"])
+    inputs[model.path] = model_fingerprint(model.path)
     parts = PartStore(work_dir, "decode", job_key(inputs=inputs, params=vars(params)))
     if parts.n_done():
         click.echo(f"decode: resuming, {parts.n_done()} finished batches found in {parts.dir}")
-    adapter = load_adapter(
-        model["path"], model.get("device", "auto"), model.get("dtype", "auto"), **adapter_options(model)
-    )
+    adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
     table = decode_manifest(adapter, manifest, params, parts, progress=progress)
-    write_parquet(table, responses_out, "responses", params={"model": model, "decode": vars(params)}, inputs=inputs)
+    params_used = {"model": model.to_dict(), "decode": vars(params)}
+    write_parquet(table, responses_out, "responses", params=params_used, inputs=inputs)
     parts.cleanup()
     click.echo(f"decode: {table.num_rows} responses -> {responses_out}")

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import click
 
+from pipeline.config import ModelParams
 from pipeline.io.attention_store import AttentionStoreWriter
 from pipeline.io.contracts import read_parquet
 from pipeline.io.resumable import job_key
-from pipeline.models import adapter_options, load_adapter
-from pipeline.teacher.dump import DumpParams, dump_attention, max_visual_tokens
-from stages.common import fingerprints, load_section, model_fingerprint, params_option, progress_option, to_dataclass
+from pipeline.models import load_adapter
+from pipeline.teacher.dump import dump_attention, max_visual_tokens
+from pipeline.teacher.params import DumpParams
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option
+from stages.params import section
 
 
 @click.command("dump")
@@ -33,15 +36,13 @@ def dump(
     manifest_path: Path, responses_path: Path, store_out: Path, params_path: Path, progress: bool, work_dir: Path
 ) -> None:
     """Write STORE_OUT (zarr 3) from the samples in MANIFEST_PATH and their RESPONSES_PATH."""
-    model = load_section(params_path, "model")
-    params = to_dataclass(DumpParams, load_section(params_path, "dump"), "dump")
+    model = section(params_path, "model", ModelParams)
+    params = section(params_path, "dump", DumpParams)
     manifest = read_parquet(manifest_path, "manifest")
     responses = read_parquet(responses_path, "responses")
     inputs = fingerprints(manifest_path, responses_path)
-    inputs[model["path"]] = model_fingerprint(model["path"])
-    adapter = load_adapter(
-        model["path"], model.get("device", "auto"), model.get("dtype", "auto"), **adapter_options(model)
-    )
+    inputs[model.path] = model_fingerprint(model.path)
+    adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
     work = Path(work_dir) / f"dump-{job_key(inputs=inputs, params=asdict(params))}.zarr"
     if work.exists():
         writer = AttentionStoreWriter.open_existing(work)
@@ -57,7 +58,7 @@ def dump(
             attrs={
                 "model_id": adapter.model_id,
                 "include_eos": params.include_eos,
-                "params": {"model": model, "dump": asdict(params)},
+                "params": {"model": model.to_dict(), "dump": asdict(params)},
                 "inputs": inputs,
             },
             chunk_samples=params.chunk_samples,

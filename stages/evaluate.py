@@ -9,19 +9,47 @@ from pathlib import Path
 import click
 import polars as pl
 
-from pipeline.inference.evaluate import EvalParams, evaluate_manifest
+from pipeline.config import ModelParams, parse_section
+from pipeline.inference.evaluate import evaluate_manifest
+from pipeline.inference.params import EvalParams
 from pipeline.io.contracts import read_parquet, write_parquet
-from pipeline.models import load_adapter
+from pipeline.models import ModelAdapter, load_adapter
 from pipeline.student.rpn import RPN
-from stages.common import (
-    fingerprints,
-    load_section,
-    model_fingerprint,
-    params_option,
-    progress_option,
-    stage2_adapter_options,
-    to_dataclass,
-)
+from pipeline.teacher.label_presets import label_layers
+from pipeline.teacher.params import DumpParams
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option
+from stages.label import label_params
+from stages.params import checked, raw_section, section
+
+# evaluate keys that follow from the teacher's settings: the raw-attention ablation reads the label map's layers
+# (label.layers / label.heads, else every layer in dump.layers) and the rows the dump captured
+DERIVED = {
+    "raw_attention_layers": "label.layers/label.heads/dump.layers",
+    "raw_attention_last_prompt": "dump.include_last_prompt",
+}
+
+
+def eval_params(params_path: Path) -> EvalParams:
+    """The ``evaluate`` section, with the raw-attention keys derived from ``label`` and ``dump``."""
+    values = raw_section(params_path, "evaluate")
+    clash = sorted(k for k in DERIVED if k in values)
+    if clash:
+        raise click.UsageError(
+            f"{params_path}: evaluate.{clash[0]} is derived from {DERIVED[clash[0]]} so the two cannot disagree; "
+            "remove it"
+        )
+    dump = section(params_path, "dump", DumpParams)
+    derived = {
+        "raw_attention_layers": label_layers(label_params(params_path), dump.layers),
+        "raw_attention_last_prompt": dump.include_last_prompt,
+    }
+    return checked(lambda: parse_section(EvalParams, {**values, **derived}, "evaluate", complete=True), params_path)
+
+
+def stage2_adapter(model: ModelParams, params: EvalParams) -> ModelAdapter:
+    """The model as two-stage inference runs it: the ``model`` options and ``evaluate.crop_size``."""
+    crop = {} if params.crop_size is None else {"crop_size": params.crop_size}
+    return load_adapter(model.path, model.device, model.dtype, **model.adapter_options(), **crop)
 
 
 def _named_dir(value: str) -> tuple[str, Path]:
@@ -51,24 +79,18 @@ def evaluate(
     progress: bool,
 ) -> None:
     """Answer MANIFEST_PATH with every method; write PREDICTIONS_OUT, --metrics and --plots."""
-    model = load_section(params_path, "model")
-    params = to_dataclass(EvalParams, load_section(params_path, "evaluate"), "evaluate")
+    model = section(params_path, "model", ModelParams)
+    params = eval_params(params_path)
     manifest = read_parquet(manifest_path, "manifest")
-    adapter = load_adapter(
-        model["path"],
-        model.get("device", "auto"),
-        model.get("dtype", "auto"),
-        **stage2_adapter_options(model, asdict(params)),
-    )
+    adapter = stage2_adapter(model, params)
     rpns = {"sdrpn": RPN.load(adapter, rpn_dir).eval()}
     for name, path in map(_named_dir, ablations):
         rpns[name] = RPN.load(adapter, path).eval()
     table, metrics = evaluate_manifest(adapter, manifest, rpns, params, progress=progress)
     inputs = fingerprints(manifest_path, rpn_dir, *(p for _, p in map(_named_dir, ablations)))
-    inputs[model["path"]] = model_fingerprint(model["path"])
-    write_parquet(
-        table, predictions_out, "predictions", params={"model": model, "evaluate": asdict(params)}, inputs=inputs
-    )
+    inputs[model.path] = model_fingerprint(model.path)
+    params_used = {"model": model.to_dict(), "evaluate": asdict(params)}
+    write_parquet(table, predictions_out, "predictions", params=params_used, inputs=inputs)
     for out in (metrics_out, plots_out):
         out.parent.mkdir(parents=True, exist_ok=True)
     metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")

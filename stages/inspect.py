@@ -7,19 +7,21 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.config import ModelParams
 from pipeline.inference.evaluate import rpn_maps
 from pipeline.inference.roi import RoIParams
 from pipeline.inference.two_stage import two_stage_batch
 from pipeline.io.attention_store import open_attention_store
 from pipeline.io.contracts import read_parquet
 from pipeline.io.images import load_image
-from pipeline.models import load_adapter
 from pipeline.report.inspect_view import SampleView, model_view, render
 from pipeline.student.rpn import RPN
 from pipeline.teacher.decode import decode_batch
-from pipeline.teacher.label_presets import resolve_label_params
-from pipeline.teacher.labels import assign_labels
-from stages.common import load_section, params_option, stage2_adapter_options
+from pipeline.teacher.labels import label_block
+from stages.common import params_option
+from stages.evaluate import eval_params, stage2_adapter
+from stages.label import label_params
+from stages.params import section
 
 
 def _teacher_maps(store_path: Path, sample_id: str, params_path: Path) -> dict | None:
@@ -32,17 +34,7 @@ def _teacher_maps(store_path: Path, sample_id: str, params_path: Path) -> dict |
         return None
     i = int(where[0])
     block = store.read(i, i + 1)
-    out = assign_labels(
-        block.attention,
-        block.hidden_norm,
-        block.grid,
-        block.sample_ids,
-        resolve_label_params(load_section(params_path, "label")),
-        store_layers=store.layers,
-        store_heads=store.heads,
-        n_response=block.n_response,
-        return_maps=True,
-    )
+    out = label_block(store, block, label_params(params_path), return_maps=True)
     h, w = (int(v) for v in block.grid[0])
     return {
         "raw_attention": np.asarray(out["raw_map"][0][: h * w], dtype=np.float64).reshape(h, w),
@@ -83,17 +75,11 @@ def inspect(
     missing = [s for s in sample_ids if s not in rows]
     if missing:
         raise click.ClickException(f"samples {missing} are in none of {list(map(str, manifests))}")
-    model = load_section(params_path, "model")
-    evaluate = load_section(params_path, "evaluate")
-    adapter = load_adapter(
-        model["path"],
-        model.get("device", "auto"),
-        model.get("dtype", "auto"),
-        **stage2_adapter_options(model, evaluate),
-    )
+    evaluate = eval_params(params_path)
+    adapter = stage2_adapter(section(params_path, "model", ModelParams), evaluate)
     rpn = RPN.load(adapter, rpn_dir).eval() if rpn_dir.exists() else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    max_new = int(evaluate.get("max_new_tokens", 16))
+    max_new = evaluate.max_new_tokens
     for sid in sample_ids:
         r = rows[sid]
         image = load_image(r["image"], sid)
@@ -102,7 +88,7 @@ def inspect(
         view.answers["baseline"] = decode_batch(adapter, [image], [r["question"]], max_new)[0]["response"]
         if rpn is not None:
             maps = rpn_maps(rpn)([image], [r["question"]]).maps
-            roi = RoIParams(**{**(evaluate.get("roi") or {}), "mode": "masked"})
+            roi = RoIParams(**{**evaluate.roi, "mode": "masked"})
             rows2, _ = two_stage_batch(adapter, [image], [r["question"]], maps, roi, max_new)
             view.rpn_map, view.crop_boxes = maps[0], rows2[0]["crop_boxes"]
             view.answers["SD-RPN (masked)"] = rows2[0]["response"]

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.teacher.label_presets import resolve_label_params
+from pipeline.teacher.label_presets import check_dump_covers, resolve_label_params
 from pipeline.teacher.labels import label_store
-from stages.common import apply_overrides, fingerprints, load_section, params_option, progress_option, set_option
+from pipeline.teacher.params import DumpParams
+from stages.common import fingerprints, params_option, progress_option, set_option
+from stages.params import apply_overrides, checked, raw_section, section
 
 
 @click.command("label")
@@ -19,9 +21,15 @@ from stages.common import apply_overrides, fingerprints, load_section, params_op
 @set_option
 def label(store_path: Path, labels_out: Path, params_path: Path, progress: bool, overrides: tuple[str, ...]) -> None:
     """Write LABELS_OUT from the attention store STORE_PATH."""
-    try:
-        params = resolve_label_params(apply_overrides(load_section(params_path, "label"), overrides))
-    except (TypeError, ValueError) as exc:
-        raise click.BadParameter(f"label: {exc}") from exc
+    params = label_params(params_path, overrides)
     counts = label_store(store_path, params, labels_out, inputs=fingerprints(store_path), progress=progress)
     click.echo(f"label: {counts} -> {labels_out}")
+
+
+def label_params(params_path: Path, overrides: tuple[str, ...] = ()):
+    """The ``label`` section resolved against its preset, checked against what ``dump`` stores."""
+    values = apply_overrides(raw_section(params_path, "label"), overrides)
+    params = checked(lambda: resolve_label_params(values, complete=True), params_path)
+    dump = section(params_path, "dump", DumpParams)
+    checked(lambda: check_dump_covers(params, dump.layers, dump.per_head), params_path)
+    return params

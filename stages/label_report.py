@@ -8,12 +8,14 @@ from pathlib import Path
 import click
 import polars as pl
 
+from pipeline.config import ModelParams
 from pipeline.io.attention_store import open_attention_store
 from pipeline.io.contracts import read_parquet
-from pipeline.models import adapter_options, load_adapter
-from pipeline.teacher.label_presets import resolve_label_params
+from pipeline.models import load_adapter
 from pipeline.teacher.label_report import gt_token_masks, label_quality
-from stages.common import load_section, params_option
+from stages.common import params_option
+from stages.label import label_params
+from stages.params import section
 
 
 @click.command("label-report")
@@ -24,9 +26,9 @@ from stages.common import load_section, params_option
 @params_option
 def label_report(manifest_path: Path, store_path: Path, metrics_out: Path, fig3_out: Path, params_path: Path) -> None:
     """Write METRICS_OUT (JSON, DVC metrics) and FIG3_OUT (TSV, DVC plot) for samples with a GT box."""
-    params = resolve_label_params(load_section(params_path, "label"))
-    model = load_section(params_path, "model")
-    adapter = load_adapter(model["path"], weights=False, **adapter_options(model))  # geometry only
+    params = label_params(params_path)
+    model = section(params_path, "model", ModelParams)
+    adapter = load_adapter(model.path, weights=False, **model.adapter_options())  # geometry only
     store = open_attention_store(store_path)
     manifest = read_parquet(manifest_path, "manifest")
     rows = {r["sample_id"]: r for r in manifest.to_pylist()}

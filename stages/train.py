@@ -14,20 +14,14 @@ from pathlib import Path
 import click
 import torch.distributed as dist
 
+from pipeline.config import ModelParams
 from pipeline.io.contracts import read_parquet
 from pipeline.io.resumable import job_key
-from pipeline.models import adapter_options, load_adapter
-from pipeline.student.train import PLOT_COLUMNS, TrainParams, init_distributed, join_samples, params_dict, train_rpn
-from stages.common import (
-    apply_overrides,
-    fingerprints,
-    load_section,
-    model_fingerprint,
-    params_option,
-    progress_option,
-    set_option,
-    to_dataclass,
-)
+from pipeline.models import load_adapter
+from pipeline.student.params import TrainParams
+from pipeline.student.train import PLOT_COLUMNS, init_distributed, join_samples, params_dict, train_rpn
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option, set_option
+from stages.params import section
 
 
 @click.command("train")
@@ -58,13 +52,10 @@ def train(
     work_dir: Path,
 ) -> None:
     """Write CKPT_OUT (RPN weights + rpn_config.json) trained on LABELS_PATH for the samples of MANIFEST_PATH."""
-    model = load_section(params_path, "model")
-    try:
-        params = to_dataclass(TrainParams, apply_overrides(load_section(params_path, "train"), overrides), "train")
-    except (TypeError, ValueError) as exc:
-        raise click.BadParameter(f"train: {exc}") from exc
+    model = section(params_path, "model", ModelParams)
+    params = section(params_path, "train", TrainParams, overrides)
     info = init_distributed()
-    device = model.get("device", "auto")
+    device = model.device
     if info.world > 1 and device in ("auto", "cuda"):
         import torch
 
@@ -73,10 +64,10 @@ def train(
         read_parquet(manifest_path, "manifest"), read_parquet(labels_path, "labels"), soft=params.objective == "mse"
     )
     inputs = fingerprints(manifest_path, labels_path)
-    inputs[model["path"]] = model_fingerprint(model["path"])
+    inputs[model.path] = model_fingerprint(model.path)
     state_dir = Path(work_dir) / f"train-{job_key(inputs=inputs, params=params_dict(params))}"
     # same adapter options (Qwen: resolution) as decode/dump, so the visual grid is the one the labels are on
-    adapter = load_adapter(model["path"], device, model.get("dtype", "auto"), **adapter_options(model))
+    adapter = load_adapter(model.path, device, model.dtype, **model.adapter_options())
     result = train_rpn(adapter, samples, params, n_skipped=n_skipped, state_dir=state_dir, progress=progress)
     if info.is_main:
         result.rpn.save(ckpt_out, label_hash=inputs[str(labels_path)], extra={"train_params": params_dict(params)})

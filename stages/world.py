@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.world.generator import WorldParams, write_world
-from stages.common import load_section, params_option, to_dataclass
+from pipeline.world.generator import WorldSection, write_world
+from stages.common import params_option
+from stages.params import section
 
 
 @click.command("world")
@@ -16,8 +17,7 @@ from stages.common import load_section, params_option, to_dataclass
 @params_option
 def world(out_dir: Path, split: str, params_path: Path) -> None:
     """Write OUT_DIR/world.jsonl and its PNGs for one split (seed and size from params.yaml `world`)."""
-    p = load_section(params_path, "world")
-    gen = {k: tuple(v) if isinstance(v, list) else v for k, v in (p.get("generator") or {}).items()}
-    params = to_dataclass(WorldParams, gen, "world.generator")
-    path = write_world(out_dir, n=int(p[f"n_{split}"]), seed=int(p[f"seed_{split}"]), params=params)
-    click.echo(f"world: {p[f'n_{split}']} {split} samples -> {path}")
+    p = section(params_path, "world", WorldSection)
+    n, seed = p.split(split)
+    path = write_world(out_dir, n=n, seed=seed, params=p.generator)
+    click.echo(f"world: {n} {split} samples -> {path}")

@@ -9,7 +9,8 @@ import torch
 import pipeline.teacher.decode as decode_mod
 from pipeline.io.manifest import build_manifest, records_from_table
 from pipeline.io.resumable import PartStore
-from pipeline.teacher.decode import DecodeParams, decode_batch, decode_manifest
+from pipeline.teacher.decode import decode_batch, decode_manifest
+from pipeline.teacher.params import DecodeParams
 from tests.conftest import random_images
 
 QUESTIONS = ["what is in the red box ?", "what is in the box ?", "a b c", "what colour is the shape ?"]

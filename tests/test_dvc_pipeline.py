@@ -65,7 +65,7 @@ def project(tmp_path_factory, toy_dir) -> Path:
     params["decode"].update(batch_size=4, max_new_tokens=3)
     params["dump"].update(layers=[1, 2], batch_size=4)
     params["train"].update(B=1, R=2, global_batch=4, micro_batch=2, holdout_frac=0.2, save_every=1)
-    params["evaluate"].update(batch_size=4, max_new_tokens=3, raw_attention_layers=[1])
+    params["evaluate"].update(batch_size=4, max_new_tokens=3)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     _dvc(proj, "init", "-q")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.inference.evaluate import EvalParams, _localisation, evaluate_manifest
+from pipeline.inference.evaluate import _localisation, evaluate_manifest
+from pipeline.inference.params import EvalParams
 from pipeline.inference.roi import RoI
 from pipeline.io.manifest import build_manifest, records_from_table
 from pipeline.student.rpn import RPN
@@ -51,17 +52,15 @@ def test_localisation_by_hand(adapter):
 
 
 def test_crop_size_must_match_the_adapter(toy, adapter, manifest):
+    from pipeline.config import ModelParams
     from pipeline.models import wrap_model
-    from stages.common import stage2_adapter_options
 
     rpn = RPN.from_base(adapter, B=1, R=1).eval()
     params = EvalParams(batch_size=4, max_new_tokens=2, raw_attention=False, modes=["masked"], crop_size=32)
     with pytest.raises(ValueError, match="evaluate.crop_size is 32 but the llava adapter encodes crops at the base"):
         evaluate_manifest(adapter, manifest, {"sdrpn": rpn}, params, progress=False)
-    assert stage2_adapter_options({"path": "m"}, {"crop_size": 32}) == {"crop_size": 32}
-    assert stage2_adapter_options({"path": "m", "resolution": {"mode": "native"}}, {}) == {
-        "resolution": {"mode": "native"}
-    }
+    assert ModelParams(path="m").adapter_options() == {}
+    assert ModelParams(path="m", resolution={"mode": "native"}).adapter_options() == {"resolution": {"mode": "native"}}
     small = wrap_model(*toy, "toy", crop_size=32)
     table, metrics = evaluate_manifest(small, manifest, {"sdrpn": RPN.from_base(small, 1, 1).eval()}, params, False)
     assert table.column("n_crop_tokens").to_pylist() and max(table.column("n_crop_tokens").to_pylist()) <= 4

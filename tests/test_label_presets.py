@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -56,20 +58,24 @@ def test_explicit_keys_override_and_null_keeps_the_preset():
 
 
 def test_unknown_preset_or_key_is_an_error():
-    with pytest.raises(ValueError, match="unknown label preset"):
+    with pytest.raises(ValueError, match="label.preset: unknown preset 'qwen'"):
         resolve_label_params({"preset": "qwen"})
-    with pytest.raises(ValueError, match="unknown label params"):
+    with pytest.raises(ValueError, match=r"label: unknown key\(s\) \['tau_fgg'\]"):
         resolve_label_params({"preset": "paper", "tau_fgg": 0.3})
+    with pytest.raises(ValueError, match=r"label: missing key\(s\) \['heads'"):
+        resolve_label_params({"preset": "paper", "tau_fg": 0.3}, complete=True)
 
 
 def test_label_stage_reads_the_preset(tmp_path):
     """stages/label.py resolves the section through the presets (an unknown preset is a parameter error)."""
     from stages.label import label
 
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    data["label"]["preset"] = "no_such_model"
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"label": {"preset": "no_such_model"}}))
+    params.write_text(yaml.safe_dump(data))
     (tmp_path / "store.zarr").mkdir()
     res = CliRunner().invoke(
         label, [str(tmp_path / "store.zarr"), str(tmp_path / "labels.parquet"), "--params", str(params)]
     )
-    assert res.exit_code != 0 and "unknown label preset" in res.output
+    assert res.exit_code == 2 and "label.preset: unknown preset 'no_such_model'" in res.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import yaml
 from click.testing import CliRunner
 
 from pipeline.io.contracts import read_metadata, read_parquet
@@ -68,7 +69,8 @@ def test_missing_and_unreadable_images_are_reported(records_jsonl):
 
 def test_prepare_stage_writes_contracted_artifacts(records_jsonl, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(f"prepare:\n  format: records\n  input: {records_jsonl}\n")
+    section = {"format": "records", "input": str(records_jsonl), "image_root": None, "sources": None, "n": None}
+    params.write_text(yaml.safe_dump({"prepare": {**section, "seed": 42}}))
     out, skips = tmp_path / "m.parquet", tmp_path / "s.parquet"
     res = CliRunner().invoke(main, ["prepare", str(out), str(skips), "--params", str(params)])
     assert res.exit_code == 0, res.output

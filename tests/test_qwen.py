@@ -14,15 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.config import ModelParams
 from pipeline.io.attention_store import AttentionStoreWriter, open_attention_store
 from pipeline.io.manifest import build_manifest, records_from_table
 from pipeline.io.resumable import PartStore
-from pipeline.models import adapter_options, load_adapter, wrap_model
+from pipeline.models import load_adapter, wrap_model
 from pipeline.models.qwen2_5_vl import Qwen25VLAdapter, Resolution
 from pipeline.teacher.attention_capture import capture_attention
-from pipeline.teacher.decode import DecodeParams, decode_batch, decode_manifest
-from pipeline.teacher.dump import DumpParams, dump_attention, max_visual_tokens
+from pipeline.teacher.decode import decode_batch, decode_manifest
+from pipeline.teacher.dump import dump_attention, max_visual_tokens
 from pipeline.teacher.labels import LabelParams, label_store
+from pipeline.teacher.params import DecodeParams, DumpParams
 from tests.conftest import WORDS
 from toymodels.qwen import build_toy_qwen, save_toy_qwen
 
@@ -347,8 +349,8 @@ def test_dump_and_label_end_to_end(qwen, qwen_records, tmp_path):
 def test_load_adapter_from_saved_directory(toy_qwen, tmp_path, toy_dir):
     model, processor = toy_qwen
     path = save_toy_qwen(model, processor, tmp_path / "toy-qwen")
-    section = {"path": str(path), "resolution": FIXED}
-    loaded = load_adapter(path, device="cpu", dtype="float32", **adapter_options(section))
+    section = ModelParams(path=str(path), resolution=FIXED)
+    loaded = load_adapter(path, device="cpu", dtype="float32", **section.adapter_options())
     assert isinstance(loaded, Qwen25VLAdapter) and loaded.resolution == Resolution(**FIXED)
     assert loaded.processor.image_processor.size["longest_edge"] == processor.image_processor.size["longest_edge"]
     in_memory = wrap_model(model, processor, "toy-qwen", resolution=FIXED)

@@ -89,7 +89,7 @@ def project(tmp_path_factory) -> tuple[Path, list[tuple[int, int]], list[tuple[i
     params["dump"].update(layers=[1, 2], per_head=True, batch_size=4)
     params["label"].update(heads={2: [0, 3]}, sink_norm_layer=1)  # the toy has 4 layers of 4 heads
     params["train"].update(B=1, R=2, lr=1e-4, global_batch=4, micro_batch=2, holdout_frac=0.25, save_every=1)
-    params["evaluate"].update(batch_size=4, max_new_tokens=3, raw_attention_layers=[2])
+    params["evaluate"].update(batch_size=4, max_new_tokens=3)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     _dvc(proj, "init", "-q")

@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from pipeline.models import wrap_model
+from pipeline.student.params import TrainParams
 from pipeline.student.rpn import RPN
-from pipeline.student.train import Sample, TrainParams, join_samples, lr_at, make_micro, split_holdout, train_rpn
+from pipeline.student.train import Sample, join_samples, lr_at, make_micro, split_holdout, train_rpn
 from tests.conftest import WORDS, random_images
 from toymodels.llava import ToyLlavaSizes, build_toy_llava
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.inference.params import EvalParams
 from pipeline.inference.roi import RoI, RoIParams
 from pipeline.inference.scoring import score
 from pipeline.inference.two_stage import Stage1Output, two_stage_batch
@@ -27,6 +27,7 @@ from pipeline.student.rpn import RPN
 from pipeline.teacher.attention_capture import capture_attention
 from pipeline.teacher.decode import decode_batch
 from pipeline.teacher.label_report import gt_token_masks
+from pipeline.teacher.labels import LabelParams, attention_map, label_plan
 
 PREDICTION_COLUMNS = pa.schema(
     [
@@ -42,24 +43,6 @@ PREDICTION_COLUMNS = pa.schema(
         ("iou", pa.float64()),
     ]
 )
-
-
-@dataclass
-class EvalParams:
-    """What the evaluate stage runs (SPEC 3) and how it scores."""
-
-    batch_size: int = 16
-    max_new_tokens: int = 16
-    scoring: str = "auto"  # exact | vqa_soft | multiple_choice | auto (vqa_soft when `answers` are given)
-    modes: list[str] = field(default_factory=lambda: ["masked", "box"])  # upscaling modes for the main RPN
-    roi: dict = field(default_factory=dict)  # RoIParams overrides (tau, smoothing, filters)
-    raw_attention: bool = True  # ablation: RoI from the teacher's answer->image attention, no RPN
-    raw_attention_layers: list[int] = field(default_factory=lambda: [4])
-    raw_attention_tau: float = 0.3  # on the map divided by its max
-    raw_attention_last_prompt: bool = False  # add the row that produced the first answer token (as dump)
-    reuse_prefix: bool = True  # stage 2 starts from stage 1's cache of the shared prefix (same answers, faster)
-    crop_size: int | None = None  # LLaVA: crops re-encoded at this square side (px) instead of the base view;
-    # the adapter is built with it (``load_adapter(..., crop_size=...)``), evaluate_manifest checks it was
 
 
 def check_crop_size(adapter: ModelAdapter, crop_size: int | None) -> None:
@@ -109,10 +92,15 @@ def raw_attention_maps(
     layers: list[int],
     include_last_prompt: bool = False,
 ) -> list[np.ndarray]:
-    """The teacher's own answer->image attention (head and layer mean), divided by its max, on each grid."""
+    """The teacher's own answer->image attention (head and layer mean), divided by its max, on each grid.
+
+    The map is the label stage's aggregation (:func:`attention_map`, :func:`label_plan` with these layers) over
+    the captured per-layer head-means: one layer gives the captured float32 values, several their float64 mean.
+    """
     batch = adapter.build_batch(images, [adapter.render_prompt(q) for q in questions], responses)
     cap = capture_attention(adapter, batch, layers, include_last_prompt=include_last_prompt)
-    att = cap.attention.mean(1).cpu().numpy()
+    plan = label_plan(LabelParams(layers=list(layers), sink_method="none"), layers, None)  # head-mean: no heads axis
+    att = attention_map(cap.attention.cpu().numpy(), plan.select)  # (B, L, V) -> (B, V)
     out = []
     for a, (h, w) in zip(att, batch.grids, strict=True):
         a = a[: h * w]

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,6 +52,34 @@ class Record:
     answer: str | None = None
     answers: list[str] | None = None
     box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class PrepareParams:
+    """params.yaml ``prepare`` / ``prepare_eval``: which records become the manifest."""
+
+    format: Literal["records", "llava_mix"] = "records"  # records: JSONL/Parquet; llava_mix: LLaVA's mix665k JSON
+    input: str = ""
+    image_root: str | None = None  # relative image paths resolve here (records default: the file's own dir)
+    sources: list[str] | None = None  # llava_mix: keep these image sources, e.g. [gqa, ocr_vqa]
+    n: int | None = None  # keep the first n (llava_mix: after a seeded shuffle)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("input: name the records file (JSONL/Parquet) or LLaVA mix JSON")
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be >= 1 or null, got {self.n}")
+        if self.sources is not None and self.format != "llava_mix":
+            raise ValueError("sources applies to format llava_mix only")
+
+
+def records_from_params(params: PrepareParams) -> list[Record]:
+    """The candidate records that ``params`` names, before their images are checked."""
+    if params.format == "llava_mix":
+        return records_from_llava_mix(params.input, params.image_root, params.sources, params.n, params.seed)
+    records = records_from_table(params.input, params.image_root)
+    return records[: params.n] if params.n else records
 
 
 def _join(root: str | None, ref: str) -> str:

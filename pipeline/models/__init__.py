@@ -14,14 +14,10 @@ from pipeline.models.qwen2_5_vl import Qwen25VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {"llava": LlavaAdapter, "qwen2_5_vl": Qwen25VLAdapter}
 
-# params.yaml `model` keys forwarded to the adapter's constructor (only families that take them accept them)
-ADAPTER_OPTIONS = ("resolution",)
-
 __all__ = [
     "ADAPTERS",
     "Batch",
     "ModelAdapter",
-    "adapter_options",
     "load_adapter",
     "resolve_device",
     "resolve_dtype",
@@ -42,11 +38,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def adapter_options(model_section: dict) -> dict:
-    """The adapter keyword arguments in a params.yaml ``model`` section (e.g. Qwen's ``resolution``)."""
-    return {k: model_section[k] for k in ADAPTER_OPTIONS if model_section.get(k) is not None}
 
 
 def load_adapter(

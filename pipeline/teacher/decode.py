@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow as pa
 import torch
 from tqdm import tqdm
@@ -11,6 +9,7 @@ from tqdm import tqdm
 from pipeline.io.images import load_images
 from pipeline.io.resumable import PartStore
 from pipeline.models.base import ModelAdapter
+from pipeline.teacher.params import DecodeParams
 
 RESPONSE_COLUMNS = pa.schema(
     [
@@ -22,14 +21,6 @@ RESPONSE_COLUMNS = pa.schema(
         ("model_id", pa.string()),
     ]
 )
-
-
-@dataclass
-class DecodeParams:
-    """Greedy decoding settings (SPEC 1.1); the reference uses max_new_tokens=128."""
-
-    batch_size: int = 16
-    max_new_tokens: int = 128
 
 
 @torch.no_grad()

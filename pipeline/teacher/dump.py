@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
@@ -12,18 +10,7 @@ from pipeline.io.attention_store import AttentionStoreWriter
 from pipeline.io.images import load_images
 from pipeline.models.base import ModelAdapter
 from pipeline.teacher.attention_capture import capture_attention
-
-
-@dataclass
-class DumpParams:
-    """Which layers to capture and how (SPEC 1.2)."""
-
-    layers: list[int] = field(default_factory=lambda: [14])
-    per_head: bool = False
-    include_eos: bool = False
-    include_last_prompt: bool = False  # also the row that produced the first answer token (not the paper's)
-    batch_size: int = 16
-    chunk_samples: int = 256
+from pipeline.teacher.params import DumpParams
 
 
 def join_responses(manifest: pa.Table, responses: pa.Table) -> list[list[int]]:

@@ -12,8 +12,10 @@ box, and forcing padded-image regions to background (Qwen's views here have no p
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
+from pipeline.config import ParamsError, parse_section, require_keys
 from pipeline.teacher.labels import LabelParams
 
 # Reference-code extras shared by every model (SPEC 1.4): strict inequalities, drop big fg boxes.
@@ -50,14 +52,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_label_params(section: dict[str, Any] | None) -> LabelParams:
-    """LabelParams from a params.yaml ``label`` section: the named ``preset`` (default ``paper``) plus overrides."""
+LABEL_KEYS = ("preset", *(f.name for f in fields(LabelParams)))
+
+
+def resolve_label_params(section: dict[str, Any] | None, complete: bool = False) -> LabelParams:
+    """LabelParams from a params.yaml ``label`` section: the named ``preset`` (default ``paper``) plus overrides.
+
+    Raises :class:`~pipeline.config.ParamsError` naming ``label.<key>`` for an unknown key or a bad value, and
+    with ``complete`` (the stages) for a key the section does not list (``null`` counts as listed).
+    """
     section = dict(section or {})
+    if complete:
+        require_keys(section, LABEL_KEYS, "label")
     name = section.pop("preset", None) or "paper"
     if name not in PRESETS:
-        raise ValueError(f"unknown label preset {name!r}; known: {sorted(PRESETS)}")
+        raise ParamsError(f"label.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")
     overrides = {k: v for k, v in section.items() if v is not None}
-    return LabelParams.from_dict({**PRESETS[name], **overrides})
+    return parse_section(LabelParams, {**PRESETS[name], **overrides}, "label")
 
 
 def dump_requirements(params: LabelParams) -> dict[str, Any]:
@@ -70,3 +81,28 @@ def dump_requirements(params: LabelParams) -> dict[str, Any]:
             layers.add(extra)
     per_head = heads is not None or (params.sink_method == "attention" and params.sink_attn_heads is not None)
     return {"layers": sorted(int(x) for x in layers) or None, "per_head": per_head}
+
+
+def label_layers(params: LabelParams, stored_layers: list[int]) -> list[int]:
+    """The layers whose maps make the label map: ``layers``, else the keys of a per-layer ``heads``, else all stored."""
+    if params.layers is not None:
+        return [int(x) for x in params.layers]
+    if isinstance(params.heads, dict):
+        return [int(x) for x in params.heads]
+    return [int(x) for x in stored_layers]
+
+
+def check_dump_covers(params: LabelParams, dump_layers: list[int], dump_per_head: bool) -> None:
+    """Refuse label settings that need what the dump does not store, naming the keys on both sides."""
+    need = dump_requirements(params)
+    missing = sorted(set(need["layers"] or ()) - {int(x) for x in dump_layers})
+    if missing:
+        raise ParamsError(
+            f"label.layers/heads/sink_norm_layer/sink_attn_layer name layer(s) {missing} that dump.layers "
+            f"{list(dump_layers)} does not store; add them to dump.layers or change the label keys"
+        )
+    if need["per_head"] and not dump_per_head:
+        raise ParamsError(
+            "label.heads/sink_attn_heads select heads, but dump.per_head is false (the store holds the head-mean); "
+            "set dump.per_head: true or drop the head selection"
+        )

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.config import STRICT_KEYS
+
 # fmt: off
 _FONT_ROWS: dict[str, tuple[str, ...]] = {
     "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
@@ -108,7 +110,9 @@ Box = tuple[int, int, int, int]
 
 @dataclass
 class WorldParams:
-    """Knobs of the world; ``params.yaml`` may set any of them."""
+    """Knobs of the world; ``params.yaml`` ``world.generator`` may set any of them."""
+
+    __pydantic_config__ = STRICT_KEYS
 
     canvas: int = 448  # square source image side, px
     grid: int = 14  # token grid of the base view (224 px / patch 16)
@@ -145,6 +149,29 @@ class WorldParams:
     def glyphs(self) -> tuple[str, ...]:
         """The answer alphabet of this glyph style."""
         return TEXTURES if self.glyph_style == "texture" else GLYPHS
+
+
+@dataclass
+class WorldSection:
+    """params.yaml ``world``: where each split goes, its size and seed, and the generator's knobs."""
+
+    train_dir: str = "artifacts/world/train"
+    n_train: int = 1500
+    seed_train: int = 1001
+    eval_dir: str = "artifacts/world/eval"
+    n_eval: int = 200
+    seed_eval: int = 2002
+    generator: WorldParams = field(default_factory=WorldParams)
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_eval < 1:
+            raise ValueError("n_train and n_eval must be >= 1")
+        if self.seed_train == self.seed_eval:
+            raise ValueError(f"seed_train and seed_eval must differ (both {self.seed_train}): the splits would overlap")
+
+    def split(self, name: str) -> tuple[int, int]:
+        """(number of samples, seed) of the ``train`` or ``eval`` split."""
+        return (self.n_train, self.seed_train) if name == "train" else (self.n_eval, self.seed_eval)
 
 
 @dataclass
