@@ -125,3 +125,20 @@ def test_stage_cli_reports_the_key(tmp_path):
     assert res.exit_code == 2
     assert "world.n_train: Input should be a valid integer" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_params_examples_parse(tmp_path):
+    """The README's real-checkpoint snippets, merged into the shipped params.yaml, give valid sections."""
+    import re
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2, "README lost its params examples"
+    for block in blocks:
+        snippet = yaml.safe_load(block)
+
+        def merge(d, snippet=snippet):
+            for name, values in snippet.items():
+                d[name].update(values)
+
+        path = _params(tmp_path, merge)
+        _every_section(path)
