@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.inference.prefix_cache import PrefixState, prefix_state
+from pipeline.models.attention_math import attention_scores
 from pipeline.models.base import Batch, ModelAdapter
 
 GRID_CONVENTION = "row-major visual tokens of the first image"
@@ -253,7 +254,7 @@ class RPN(nn.Module):
         k = self.adapter.rotate(k, (take_positions(cos, vis), take_positions(sin, vis)))
         if n_kv != n_heads:
             k = k.repeat_interleave(n_heads // n_kv, dim=1)  # grouped-query attention: kv head g serves its group
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).squeeze(2) * head_dim**-0.5  # (B, H, V)
+        scores = attention_scores(q, k, head_dim**-0.5).squeeze(2)  # (B, H, V)
         logits = scores.mean(1)
         return logits.masked_fill(~batch.visual_valid.to(x.device), torch.finfo(logits.dtype).min)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.models.attention_math import attention_probs, attention_scores
 from pipeline.models.base import Batch, ModelAdapter
 
 
@@ -110,9 +111,8 @@ def capture_attention(
         k = adapter.rotate(k, (cos, sin))
         if n_kv != n_heads:
             k = k.repeat_interleave(n_heads // n_kv, dim=1)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * module.scaling  # (B, H, R, S)
-        scores = scores.masked_fill(~key_ok.unsqueeze(1), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # all-masked rows (padding) -> 0
+        scores = attention_scores(q, k, module.scaling)  # (B, H, R, S)
+        probs = attention_probs(scores, ~key_ok.unsqueeze(1))  # all-masked rows (padding) -> 0
         vis = torch.gather(probs, 3, vis_idx[:, None, None, :].expand(-1, probs.shape[1], n_rows, -1))
         vis = vis * row_mask[:, None, :, None]
         per_head_mean = vis.sum(2) / n_valid_rows.clamp(min=1)[:, None, None]  # (B, H, V)
