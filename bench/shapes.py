@@ -1,13 +1,21 @@
-"""What the benchmark scripts share: real model shapes (random weights), a vocabulary, and a timer."""
+"""What the benchmark scripts share: real model shapes (random weights), a vocabulary, and a timer.
+
+Importing it also makes the repository root importable (the scripts run as ``python bench/<script>.py``
+and build their models with ``toymodels``, which is not part of the installed package).
+"""
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from toymodels.llava import ToyLlavaSizes
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from toymodels.llava import ToyLlavaSizes  # noqa: E402
 
 # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24x24 = 576 tokens) + Llama-2-7B (32 layers, 4096 hidden)
 LLAVA7B = ToyLlavaSizes(

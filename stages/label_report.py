@@ -12,7 +12,8 @@ from pipeline.config import ModelParams
 from pipeline.io.attention_store import open_attention_store
 from pipeline.io.contracts import read_parquet
 from pipeline.models import load_adapter
-from pipeline.teacher.label_report import gt_token_masks, label_quality
+from pipeline.models.geometry import gt_token_masks
+from pipeline.teacher.label_report import label_quality
 from stages.common import params_option
 from stages.label import label_params
 from stages.params import section

@@ -23,10 +23,10 @@ from pipeline.inference.scoring import score
 from pipeline.inference.two_stage import Stage1Output, two_stage_batch
 from pipeline.io.images import load_images
 from pipeline.models.base import ModelAdapter
+from pipeline.models.geometry import gt_token_masks
 from pipeline.student.rpn import RPN
 from pipeline.teacher.attention_capture import capture_attention
 from pipeline.teacher.decode import decode_batch
-from pipeline.teacher.label_report import gt_token_masks
 from pipeline.teacher.labels import LabelParams, attention_map, label_plan
 
 PREDICTION_COLUMNS = pa.schema(

@@ -160,3 +160,23 @@ def source_box_to_grid(
     if gx1 < gx0 or gy1 < gy0:
         return None
     return gy0, gx0, gy1, gx1
+
+
+def gt_token_masks(spans: list[tuple[float, float, float, float] | None], grids: np.ndarray, max_visual: int):
+    """(n, max_visual) bool masks of the tokens whose centre lies in each continuous grid span, and has_gt (n,).
+
+    ``spans`` are GT boxes in continuous grid coordinates (y0, x0, y1, x1; token i spans [i, i + 1)), None
+    where a sample has no box; ``grids`` (n, 2) the per-sample grids (row-major tokens).
+    """
+    n = len(spans)
+    masks = np.zeros((n, max_visual), dtype=bool)
+    has = np.array([s is not None for s in spans], dtype=bool)
+    for i, span in enumerate(spans):
+        if span is None:
+            continue
+        gh, gw = (int(v) for v in grids[i])
+        cy = np.arange(gh) + 0.5
+        cx = np.arange(gw) + 0.5
+        inside = ((cy >= span[0]) & (cy < span[2]))[:, None] & ((cx >= span[1]) & (cx < span[3]))[None, :]
+        masks[i, : gh * gw] = inside.ravel()
+    return masks, has
