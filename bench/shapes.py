@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toymodels.embedded import SIZES  # noqa: E402
 from toymodels.llava import ToyLlavaSizes  # noqa: E402
 
 # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24x24 = 576 tokens) + Llama-2-7B (32 layers, 4096 hidden)
@@ -32,17 +33,7 @@ LLAVA7B = ToyLlavaSizes(
     max_position_embeddings=4096,
 )
 # the embedded default's shape (models/sdrpn-toy-llava): 14x14 grid, 8-layer decoder
-EMBEDDED = ToyLlavaSizes(
-    image_size=224,
-    patch_size=16,
-    vision_hidden=128,
-    vision_layers=4,
-    vision_heads=4,
-    text_hidden=192,
-    text_layers=8,
-    text_heads=6,
-    text_intermediate=384,
-)
+EMBEDDED = SIZES
 WORDS = [f"w{i}" for i in range(64)] + ["what", "is", "in", "the", "red", "box", "?"]
 
 
