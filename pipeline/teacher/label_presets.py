@@ -12,9 +12,11 @@ on the same per-head maps (``tests/test_authors_labels.py`` restates it and comp
 selected heads, LLaVA-7B in float16 arithmetic (``map_dtype``), strict inequalities, sinks zeroed, the big-box
 rule, Qwen's ``min_a_max`` and its fg box taken on the 3x3 Gaussian blur of the fg-masked map (``box_blur``).
 Qwen's reference also makes the tokens over the grey padding of its square view (``expand2square``) sinks and
-background; :func:`~pipeline.teacher.labels.assign_labels` does that given ``known_bg``, but the attention store
-does not record which tokens are padding yet, so the ``label`` stage cannot pass it (Qwen's views here are
-not padded to a square).
+background (``mask_known_bg = fix_res``): the Qwen presets set ``mask_known_bg``, so the ``label`` stage passes
+the store's ``known_bg`` array (written by ``dump`` from the adapter's ``padding_tokens``) to
+:func:`~pipeline.teacher.labels.assign_labels`; a store without it (a view without padding) has no such tokens.
+LLaVA's ``create_pseudo_labels`` has no padding rule (its padding tokens are ordinary tokens), so its presets
+leave it off.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pipeline.teacher.labels import LabelParams
 # Reference-code extras shared by every model (SPEC 1.4): strict inequalities, drop big fg boxes.
 _REFERENCE = {"strict": True, "max_box_frac": 0.5}
 _LLAVA = {**_REFERENCE, "sink_method": "attention", "sink_attn_threshold": 1e-3}
-_QWEN = {**_REFERENCE, "min_a_max": 5e-3, "box_blur": True}
+_QWEN = {**_REFERENCE, "min_a_max": 5e-3, "box_blur": True, "mask_known_bg": True}
 _QWEN_NATURAL = {**_QWEN, "sink_method": "attention", "sink_attn_threshold": 1e-2}
 _QWEN_TEXT = {**_QWEN, "sink_method": "none"}
 

@@ -71,6 +71,11 @@ class LabelParams:
     # reflect-101 borders; pipeline.inference.roi.smooth) and thresholded at > 0, i.e. the fg box grown by one
     # token on every side, clipped to the grid. It then decides bg (outside the box) and max_box_frac.
     box_blur: bool = False
+    # Qwen2.5-VL reference (mask_known_bg = fix_res): the tokens over the padding of a square view, which the
+    # store's optional known_bg array lists, are sinks and background (assign_labels' known_bg). A store
+    # without that array (a view without padding, or a store from before it) labels as if none were padding.
+    # LLaVA's create_pseudo_labels has no such rule: its padding tokens are ordinary tokens.
+    mask_known_bg: bool = False
 
     def __post_init__(self) -> None:
         if self.sink_method not in SINK_METHODS:
@@ -443,7 +448,8 @@ def _box_ragged(fg: np.ndarray, gw: np.ndarray):
 def label_block(
     store: AttentionStore, block: Block, params: LabelParams, return_maps: bool = False
 ) -> dict[str, np.ndarray]:
-    """:func:`assign_labels` on one block of ``store``, with the store's layer/head names and response counts.
+    """:func:`assign_labels` on one block of ``store``, with the store's layer/head names and response counts,
+    and with ``mask_known_bg`` the store's padding tokens (``known_bg``; None when the store has none).
 
     The ``label`` stage writes exactly these labels; reports and inspection call this too, so they see them.
     """
@@ -456,6 +462,7 @@ def label_block(
         store_layers=store.layers,
         store_heads=store.heads,
         n_response=block.n_response,
+        known_bg=block.known_bg if params.mask_known_bg else None,
         return_maps=return_maps,
     )
 
