@@ -17,6 +17,11 @@ the store's ``known_bg`` array (written by ``dump`` from the adapter's ``padding
 :func:`~pipeline.teacher.labels.assign_labels`; a store without it (a view without padding) has no such tokens.
 LLaVA's ``create_pseudo_labels`` has no padding rule (its padding tokens are ordinary tokens), so its presets
 leave it off.
+
+The reference presets are made for the reference views: ``model: {pad_to_square: true}`` for LLaVA-1.5 (the
+image centred on a square of the image-mean colour, resized with no centre crop) and ``model: {resolution:
+{mode: fixed, size: 672, pad: true}}`` for Qwen2.5-VL (a grey square, 24 x 24 merged tokens); with another
+view the same heads see another image.
 """
 
 from __future__ import annotations
