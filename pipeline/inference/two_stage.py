@@ -14,7 +14,12 @@ of transformers.
 - LLaVA (:class:`pipeline.models.llava.LlavaAdapter`): crops stretched to the base view (or to its
   ``crop_size``, fewer tokens), 1-D positions.
 - Qwen2.5-VL (:class:`pipeline.models.qwen2_5_vl.Qwen25VLAdapter`): crops at the configured resolution
-  (fixed size, or native within the pixel budget), positions as the model computes them for a second image.
+  (fixed size, padded to a grey square first with ``pad``, or native within the pixel budget), positions as
+  the model computes them for a second image.
+
+Crops are cut from the source image in source pixels (:meth:`ModelAdapter.source_box` undoes the view's pad,
+resize and crop and clips to the image). When the crop's own view pads it (:attr:`ModelAdapter.crop_view`),
+:func:`masked_keep` places the crop's tokens through that pad and keeps none of those over it.
 
 A sample without crops gets exactly the baseline prompt and inputs, so its answer is the one
 :func:`pipeline.teacher.decode.decode_batch` gives.
