@@ -109,7 +109,7 @@ def require_keys(values: dict[str, Any], keys: list[str] | set[str], section: st
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-RESOLUTION_KEYS = ("mode", "size", "min_pixels", "max_pixels")
+RESOLUTION_KEYS = ("mode", "size", "min_pixels", "max_pixels", "pad")
 
 
 @dataclass
@@ -117,7 +117,8 @@ class ModelParams:
     """The ``model`` section: a local checkpoint directory and how to run it."""
 
     path: str  # no default: there is no model without a path
-    resolution: dict[str, Any] | None = None  # Qwen2.5-VL only: {mode: fixed, size: 672} or {mode: native, ...}
+    resolution: dict[str, Any] | None = None  # Qwen2.5-VL only: {mode: fixed, size: 672, pad: true}, ...
+    pad_to_square: bool = False  # LLaVA only: the reference view (mean-colour pad to a square, resize, no crop)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -129,10 +130,24 @@ class ModelParams:
             unknown = sorted(set(self.resolution) - set(RESOLUTION_KEYS))
             if unknown:
                 raise ValueError(f"resolution: unknown key(s) {unknown}; known: {list(RESOLUTION_KEYS)}")
+            if self.pad_to_square:
+                raise ValueError(
+                    "pad_to_square is LLaVA's option and resolution Qwen2.5-VL's; a model takes one of them "
+                    "(Qwen2.5-VL pads with resolution: {mode: fixed, size: ..., pad: true})"
+                )
 
     def adapter_options(self) -> dict[str, Any]:
-        """Keyword arguments for the family's adapter (only the options that are set)."""
-        return {} if self.resolution is None else {"resolution": self.resolution}
+        """Keyword arguments for the family's adapter (only the options that are set).
+
+        An option the family does not take is refused when the adapter is built (``load_adapter``):
+        ``resolution`` is Qwen2.5-VL's, ``pad_to_square`` LLaVA's.
+        """
+        out: dict[str, Any] = {}
+        if self.resolution is not None:
+            out["resolution"] = self.resolution
+        if self.pad_to_square:
+            out["pad_to_square"] = True
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

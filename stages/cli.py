@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "stages.evaluate:evaluate",
     "inspect": "stages.inspect:inspect",
     "report": "stages.report:report",
+    "import-authors-labels": "stages.import_authors_labels:import_authors_labels",
 }
 
 

@@ -13,7 +13,7 @@ from pipeline.io.attention_store import AttentionStoreWriter
 from pipeline.io.contracts import read_parquet
 from pipeline.io.resumable import job_key
 from pipeline.models import load_adapter
-from pipeline.teacher.dump import dump_attention, max_visual_tokens
+from pipeline.teacher.dump import dump_attention, max_visual_tokens, padding_masks
 from pipeline.teacher.params import DumpParams
 from stages.common import fingerprints, model_fingerprint, params_option, progress_option
 from stages.params import section
@@ -62,6 +62,7 @@ def dump(
                 "inputs": inputs,
             },
             chunk_samples=params.chunk_samples,
+            known_bg=bool(padding_masks(adapter, manifest)),  # the view has padding: store which tokens
         )
     dump_attention(adapter, manifest, responses, params, writer, progress=progress)
     if store_out.exists():

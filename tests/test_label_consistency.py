@@ -67,19 +67,21 @@ def _store(path, seed, layers, heads, side, ragged, quantise):
 
 
 def _independent_map(att, layers, heads, p: LabelParams, store_layers, store_heads):
-    """Per sample: mean over the chosen heads of each chosen layer, then over layers (plain numpy, float64)."""
+    """Per sample: one flat mean over every chosen (layer, head) map (plain numpy, float64); on a head-mean
+    store each chosen layer's map counts once."""
     if isinstance(p.heads, dict):
         chosen = [(lay, p.heads[lay]) for lay in (p.layers or list(p.heads))]
     else:
         chosen = [(lay, p.heads) for lay in (p.layers or store_layers)]
-    per_layer = []
+    maps = []
     for lay, hs in chosen:
         x = att[:, store_layers.index(lay)].astype(np.float64)
         if store_heads is not None:
             hs = store_heads if hs is None else hs
-            x = x[:, [store_heads.index(h) for h in hs]].mean(axis=1)
-        per_layer.append(x)
-    return np.mean(per_layer, axis=0)
+            maps += [x[:, store_heads.index(h)] for h in hs]
+        else:
+            maps.append(x)
+    return np.mean(maps, axis=0)
 
 
 def _metrics(maps, fg, gt, real):

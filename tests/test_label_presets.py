@@ -14,6 +14,7 @@ from pipeline.teacher.labels import LabelParams
 
 def test_paper_is_the_plain_defaults():
     assert resolve_label_params({}) == LabelParams()
+    assert (LabelParams().map_dtype, LabelParams().box_blur) == ("float64", False)
     assert resolve_label_params(None) == LabelParams()
     assert resolve_label_params({"preset": "paper"}) == LabelParams()
 
@@ -27,11 +28,12 @@ def test_qwen_7b_preset_matches_spec_table():
         [4, 22],
         1e-2,
     )
-    assert (p.min_a_max, p.max_box_frac, p.strict) == (5e-3, 0.5, True)
+    assert (p.min_a_max, p.max_box_frac, p.strict, p.box_blur, p.map_dtype) == (5e-3, 0.5, True, True, "float64")
     assert (p.tau_fg, p.tau_bg) == (0.2, 0.1)
     assert dump_requirements(p) == {"layers": [9, 16, 19], "per_head": True}
     text = resolve_label_params({"preset": "qwen2_5_vl_7b_text"})
     assert text.heads == {22: [1, 4], 23: [6, 11]} and text.sink_method == "none" and text.min_a_max == 5e-3
+    assert text.box_blur
 
 
 def test_other_presets_match_spec_table():
@@ -41,9 +43,11 @@ def test_other_presets_match_spec_table():
     l7 = resolve_label_params({"preset": "llava_1_5_7b"})
     assert l7.heads == {14: [13, 24, 26]} and (l7.sink_attn_layer, l7.sink_attn_heads) == (2, None)
     assert (l7.sink_attn_threshold, l7.min_a_max, l7.strict, l7.max_box_frac) == (1e-3, None, True, 0.5)
+    assert (l7.map_dtype, l7.box_blur) == ("float16", False)  # the 7B label script sums float16 maps in float16
     l13 = resolve_label_params({"preset": "llava_1_5_13b"})
     assert l13.heads == {16: [2, 21, 30], 15: [2], 13: [21, 23, 26]}
     assert (l13.sink_attn_layer, l13.sink_attn_heads) == (16, [17, 22])
+    assert (l13.map_dtype, l13.box_blur) == ("float64", False)
     assert dump_requirements(l13) == {"layers": [13, 15, 16], "per_head": True}
     assert set(PRESETS) >= {"paper", "llava_1_5_7b", "llava_1_5_13b", "qwen2_5_vl_3b", "qwen2_5_vl_7b"}
 
@@ -62,7 +66,7 @@ def test_unknown_preset_or_key_is_an_error():
         resolve_label_params({"preset": "qwen"})
     with pytest.raises(ValueError, match=r"label: unknown key\(s\) \['tau_fgg'\]"):
         resolve_label_params({"preset": "paper", "tau_fgg": 0.3})
-    with pytest.raises(ValueError, match=r"label: missing key\(s\) \['heads'"):
+    with pytest.raises(ValueError, match=r"label: missing key\(s\) \[[^\]]*'heads'"):
         resolve_label_params({"preset": "paper", "tau_fg": 0.3}, complete=True)
 
 

@@ -18,22 +18,21 @@ from pipeline.teacher.labels import SKIP_REASONS, LabelParams, assign_labels, la
 
 
 def _token_map(att_i, layer_ids, heads_for, per_head, store_layers, store_heads, j):
-    """Mean over heads within each layer, then mean over layers, summing left to right."""
-    total = 0.0
-    for k, lay in enumerate(layer_ids):
+    """One flat mean over every selected (layer, head) value (a head-mean store: one value per layer), summed
+    left to right in the order given (layers, then each layer's heads) and divided by how many there are."""
+    values = []
+    for lay in layer_ids:
         li = list(store_layers).index(lay)
         if per_head:
             hs = heads_for(lay)
             hs = list(store_heads) if hs is None else hs
-            s = 0.0
-            for n_h, h in enumerate(hs):
-                v = float(att_i[li][list(store_heads).index(h)][j])
-                s = v if n_h == 0 else s + v
-            layer_val = s / len(hs)
+            values += [float(att_i[li][list(store_heads).index(h)][j]) for h in hs]
         else:
-            layer_val = float(att_i[li][j])
-        total = layer_val if k == 0 else total + layer_val
-    return total / len(layer_ids)
+            values.append(float(att_i[li][j]))
+    total = values[0]
+    for x in values[1:]:
+        total += x
+    return total / len(values)
 
 
 def reference_labels(att, norms, grid, ids, p: LabelParams, store_layers=None, store_heads=None):

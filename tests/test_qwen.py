@@ -253,20 +253,20 @@ def _eager_reference(adapter, batch, layers, include_eos):
         model.set_attn_implementation("sdpa")
     assert len(out.attentions) == len(adapter.decoder_layers)  # decoder attentions only, no vision tower
     seq = batch.inputs["input_ids"].shape[1]
-    eos = set(adapter.eos_token_ids)
     bsz, v = batch.visual_index.shape
     n_heads = adapter.attention_geometry[0]
     attn = torch.zeros(bsz, len(layers), n_heads, v)
     norms = torch.zeros(bsz, len(layers), v)
     for i in range(bsz):
         n_resp = int(batch.response_len[i])
-        ids = batch.inputs["input_ids"][i].tolist()
-        n_rows = n_resp - (1 if (not include_eos and n_resp and ids[-1] in eos) else 0)
+        # the reference's rows: every generated token but the last (EOS or cut by the limit)
+        n_rows = n_resp if include_eos else max(n_resp - 1, 0)
         rows = list(range(seq - n_resp, seq - n_resp + n_rows))
         n_vis = int(batch.visual_valid[i].sum())
         vis = batch.visual_index[i, :n_vis]
         for s, layer in enumerate(layers):
-            attn[i, s, :, :n_vis] = out.attentions[layer][i][:, rows][:, :, vis].mean(1)
+            if rows:  # a sample with no rows keeps an all-zero map
+                attn[i, s, :, :n_vis] = out.attentions[layer][i][:, rows][:, :, vis].mean(1)
             norms[i, s, :n_vis] = out.hidden_states[layer][i][vis].norm(dim=-1)
     return attn, norms
 
@@ -285,7 +285,7 @@ def test_capture_matches_eager(qwen, include_eos):
     torch.testing.assert_close(cap.hidden_norm, ref_norm, atol=1e-5, rtol=1e-6)
     head_mean = capture_attention(qwen, batch, layers, per_head=False, include_eos=include_eos)
     torch.testing.assert_close(head_mean.attention, ref_attn.mean(2), atol=ATOL, rtol=0)
-    assert head_mean.n_rows.tolist() == ([2, 1, 4, 2] if not include_eos else [3, 1, 5, 2])
+    assert head_mean.n_rows.tolist() == ([2, 0, 4, 1] if not include_eos else [3, 1, 5, 2])
     padding = ~batch.visual_valid
     assert (head_mean.attention.permute(0, 2, 1)[padding] == 0).all()  # padded grid columns stay exactly 0
 

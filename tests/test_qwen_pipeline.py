@@ -1,7 +1,8 @@
 """The DVC pipeline on a tiny saved Qwen2.5-VL, switched over by params.yaml alone (issue 6).
 
 The project's own dvc.yaml runs unchanged; params.yaml points the model at a saved toy Qwen2.5-VL directory
-(native resolution with a small pixel budget, so every aspect ratio has its own grid), the manifests at
+(native resolution with a small pixel budget, so every aspect ratio has its own grid; and the paper's fixed view
+with ``pad: true``, every image centred on a grey square of one 4 x 4 grid), the manifests at
 plain-records JSONL of mixed-aspect images, and the layer / head numbers at ones the toy has. As the README
 says for real data, ``dvc repro evaluate label_report`` runs what those need and leaves the synthetic world
 alone; every other stage of dvc.yaml runs.
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (width, height): 1:1, 16:9, 9:16, 3:1
 SIZES = [(84, 84), (160, 90), (90, 160), (168, 56)]
 RESOLUTION = {"mode": "native", "min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}  # 4 .. 16 merged tokens
+PADDED = {"mode": "fixed", "size": 112, "pad": True}  # the paper's view at toy size: a grey square, 4 x 4 tokens
 QUESTIONS = ["what is in the red box ?", "what colour is the shape ?", "what is in the blue box ?"]
 WORLD = {"world", "world_eval"}  # the synthetic world: nothing depends on it once prepare reads other records
 CHAINS = [
@@ -69,8 +71,9 @@ def _records(path: Path, n: int, seed: int) -> list[tuple[int, int]]:
     return sizes
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, list[tuple[int, int]], list[tuple[int, int]]]:
+@pytest.fixture(scope="module", params=[RESOLUTION, PADDED], ids=["native", "fixed-pad"])
+def project(request, tmp_path_factory) -> tuple[Path, list[tuple[int, int]], list[tuple[int, int]], dict]:
+    resolution = request.param
     proj = tmp_path_factory.mktemp("qwen-proj")
     for name in ("pipeline", "stages", "schemas"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -82,7 +85,7 @@ def project(tmp_path_factory) -> tuple[Path, list[tuple[int, int]], list[tuple[i
 
     # only params.yaml changes
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(path="models/tiny-qwen", resolution=RESOLUTION, device="cpu", dtype="float32")
+    params["model"].update(path="models/tiny-qwen", resolution=resolution, device="cpu", dtype="float32")
     params["prepare"].update(input="data/train.jsonl")
     params["prepare_eval"].update(input="data/eval.jsonl")
     params["decode"].update(batch_size=4, max_new_tokens=3)
@@ -93,25 +96,30 @@ def project(tmp_path_factory) -> tuple[Path, list[tuple[int, int]], list[tuple[i
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     _dvc(proj, "init", "-q")
-    return proj, train_sizes, eval_sizes
+    return proj, train_sizes, eval_sizes, resolution
 
 
 def test_dvc_repro_runs_every_stage_on_qwen(project):
-    proj, train_sizes, eval_sizes = project
+    proj, train_sizes, eval_sizes, resolution = project
     stages = set(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]) - WORLD
     ran = re.findall(r"Running stage '([\w-]+)'", _dvc(proj, "repro", *sorted(stages)))
     assert sorted(ran) == sorted(stages)
     for chain in CHAINS:
         assert [s for s in ran if s in chain] == chain
 
-    adapter = wrap_model(*build_toy_qwen(WORDS, seed=0), "tiny-qwen", resolution=RESOLUTION)
+    adapter = wrap_model(*build_toy_qwen(WORDS, seed=0), "tiny-qwen", resolution=resolution)
     grids = [adapter.visual_grid(w, h) for w, h in train_sizes]
-    assert len(set(grids)) == len(SIZES)  # every aspect ratio has its own grid
+    if resolution["mode"] == "native":
+        assert len(set(grids)) == len(SIZES)  # every aspect ratio has its own grid
+    else:
+        assert set(grids) == {(4, 4)}  # one square grid; the non-square images are padded onto it
+        assert not adapter.padding_tokens(84, 84).any() and adapter.padding_tokens(160, 90).any()
 
     responses = read_parquet(proj / "artifacts/responses.parquet", "responses")
     assert responses.num_rows == 8
     labels = pl.read_parquet(proj / "artifacts/labels.parquet")
-    assert labels.schema["labels"] == pl.List(pl.Int8)
+    # per-sample grids give variable-length labels; one fixed grid a fixed-size array
+    assert labels.schema["labels"] == (pl.List(pl.Int8) if resolution["mode"] == "native" else pl.Array(pl.Int8, 16))
     assert list(zip(labels["grid_h"].to_list(), labels["grid_w"].to_list(), strict=True)) == grids
     for (gh, gw), lab in zip(grids, labels["labels"].to_list(), strict=True):
         assert len(lab) == gh * gw and set(lab) <= {-1, 0, 1}

@@ -14,7 +14,12 @@ of transformers.
 - LLaVA (:class:`pipeline.models.llava.LlavaAdapter`): crops stretched to the base view (or to its
   ``crop_size``, fewer tokens), 1-D positions.
 - Qwen2.5-VL (:class:`pipeline.models.qwen2_5_vl.Qwen25VLAdapter`): crops at the configured resolution
-  (fixed size, or native within the pixel budget), positions as the model computes them for a second image.
+  (fixed size, padded to a grey square first with ``pad``, or native within the pixel budget), positions as
+  the model computes them for a second image.
+
+Crops are cut from the source image in source pixels (:meth:`ModelAdapter.source_box` undoes the view's pad,
+resize and crop and clips to the image). When the crop's own view pads it (:attr:`ModelAdapter.crop_view`),
+:func:`masked_keep` places the crop's tokens through that pad and keeps none of those over it.
 
 A sample without crops gets exactly the baseline prompt and inputs, so its answer is the one
 :func:`pipeline.teacher.decode.decode_batch` gives.
@@ -38,7 +43,7 @@ from PIL import Image
 from pipeline.inference.prefix_cache import PrefixState, prefix_generate_inputs
 from pipeline.inference.roi import RoI, RoIParams, UpscaleMode, postprocess
 from pipeline.models.base import ModelAdapter, Stage2Inputs
-from pipeline.models.geometry import Crop, SourceBox
+from pipeline.models.geometry import Crop, Frame, SourceBox, grid_frame
 from pipeline.teacher.decode import response_row
 
 
@@ -61,6 +66,8 @@ def masked_keep(
     enclosing_box: tuple[int, int, int, int],
     crop_grid_hw: tuple[int, int],
     span: tuple[float, float, float, float] | None = None,
+    crop_frame: Frame | None = None,
+    crop_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """The crop tokens to keep: the grid mask inside ``enclosing_box`` resized (nearest) onto the crop's grid.
 
@@ -68,20 +75,33 @@ def masked_keep(
     'nearest-exact'): crop token (i, j) takes the mask value of the grid token under its centre.
     ``span`` (continuous grid coordinates, far edges exclusive) is the region the crop really
     covers when that differs from the box, e.g. after rounding to whole pixels or clipping away
-    padding; it defaults to the box itself.
+    padding; it defaults to the box itself. ``crop_frame`` (with the crop's ``crop_size`` (width, height) in
+    pixels) is the crop's own view when that pads it to a square (:func:`~pipeline.models.geometry.grid_frame`):
+    crop tokens are then placed through the pad, and those whose centre lies in the padding are not kept.
     """
     mask = np.asarray(mask_on_grid, dtype=bool)
     gh, gw = mask.shape
     y0, x0, y1, x1 = enclosing_box
     sy0, sx0, sy1, sx1 = span if span is not None else (y0, x0, y1 + 1, x1 + 1)
     ch, cw = crop_grid_hw
-    cy = sy0 + (np.arange(ch) + 0.5) * (sy1 - sy0) / ch
-    cx = sx0 + (np.arange(cw) + 0.5) * (sx1 - sx0) / cw
+    if crop_frame is None:
+        cy = sy0 + (np.arange(ch) + 0.5) * (sy1 - sy0) / ch
+        cx = sx0 + (np.arange(cw) + 0.5) * (sx1 - sx0) / cw
+        on_y, on_x = np.ones(ch, dtype=bool), np.ones(cw, dtype=bool)
+    else:
+        if crop_size is None:
+            raise ValueError("crop_frame needs crop_size (width, height)")
+        pw, ph = crop_size
+        py = float(crop_frame.y0) + (np.arange(ch) + 0.5) * float(crop_frame.h) / ch  # crop pixels
+        px = float(crop_frame.x0) + (np.arange(cw) + 0.5) * float(crop_frame.w) / cw
+        on_y, on_x = (py >= 0) & (py < ph), (px >= 0) & (px < pw)
+        cy = sy0 + py / ph * (sy1 - sy0)
+        cx = sx0 + px / pw * (sx1 - sx0)
     iy = np.clip(np.floor(cy).astype(int), 0, gh - 1)
     ix = np.clip(np.floor(cx).astype(int), 0, gw - 1)
     inside = np.zeros_like(mask)
     inside[y0 : y1 + 1, x0 : x1 + 1] = mask[y0 : y1 + 1, x0 : x1 + 1]
-    return inside[np.ix_(iy, ix)]
+    return inside[np.ix_(iy, ix)] & on_y[:, None] & on_x[None, :]
 
 
 def crops_from_roi(roi: RoI, adapter: ModelAdapter, width: int, height: int, mode: UpscaleMode) -> list[Crop]:
@@ -100,7 +120,17 @@ def crops_from_roi(roi: RoI, adapter: ModelAdapter, width: int, height: int, mod
     box = adapter.source_box(roi.enclosing, width, height)
     if box[2] <= box[0] or box[3] <= box[1]:
         return []
-    keep = masked_keep(roi.mask, roi.enclosing, crop_grid(adapter, box), span=adapter.grid_span(box, width, height))
+    size = (box[2] - box[0], box[3] - box[1])
+    view = getattr(adapter, "crop_view", None)  # stretched crops unless the adapter says otherwise
+    frame = grid_frame(*size, view) if view is not None and view.pad_to_square else None
+    keep = masked_keep(
+        roi.mask,
+        roi.enclosing,
+        crop_grid(adapter, box),
+        span=adapter.grid_span(box, width, height),
+        crop_frame=frame,
+        crop_size=size,
+    )
     return [Crop(box, keep)] if keep.any() else []
 
 

@@ -23,6 +23,9 @@ from pipeline.io.contracts import ContractError, load_schema
 SCHEMA_NAME = "attention_store"
 MIN_CHUNK_SAMPLES = 256
 ARRAYS = ("sample_id", "grid", "n_response", "attention", "hidden_norm")
+# Optional arrays: a store without them still reads (their Block field is None). known_bg (n, max_visual) bool:
+# tokens known to show no image content (the padding of a square view), written when the adapter knows them.
+OPTIONAL_ARRAYS = ("known_bg",)
 
 
 class Block(NamedTuple):
@@ -35,6 +38,7 @@ class Block(NamedTuple):
     n_response: np.ndarray  # (n,) int32
     attention: np.ndarray  # (n, L, V) or (n, L, H, V) float32
     hidden_norm: np.ndarray  # (n, L, V) float32
+    known_bg: np.ndarray | None = None  # (n, V) bool when the store has it: padding of the view, not image content
 
 
 def _compressor() -> BloscCodec:
@@ -71,7 +75,8 @@ class AttentionStoreWriter:
         self.max_visual = int(group["attention"].shape[-1])
         self.n_chunks = -(-self.n_samples // self.chunk_samples)
         self._done: set[int] = set(attrs.get("done_chunks", []))
-        self._arrays = {name: group[name] for name in ARRAYS}
+        self._arrays = {name: group[name] for name in (*ARRAYS, *OPTIONAL_ARRAYS) if name in group}
+        self.has_known_bg = "known_bg" in self._arrays
         # chunk index -> (row buffers, filled mask) for chunks that are only partly supplied so far
         self._pending: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
 
@@ -85,8 +90,12 @@ class AttentionStoreWriter:
         heads: Sequence[int] | None = None,
         attrs: dict[str, Any] | None = None,
         chunk_samples: int = MIN_CHUNK_SAMPLES,
+        known_bg: bool = False,
     ) -> AttentionStoreWriter:
-        """Create an empty store (overwriting ``path``); ``heads=None`` stores the head-mean."""
+        """Create an empty store (overwriting ``path``); ``heads=None`` stores the head-mean.
+
+        ``known_bg`` adds the optional (n, max_visual) bool array of tokens known to be padding of the view.
+        """
         if n_samples < 1 or max_visual < 1 or not layers:
             raise ValueError("n_samples, max_visual and layers must be non-empty")
         # Fewer, larger chunks keep DVC hashing fast (SPEC 6); a store smaller than one chunk is one chunk.
@@ -102,6 +111,15 @@ class AttentionStoreWriter:
         norm_shape = (n_samples, n_layers, max_visual)
         for name, shape in (("attention", att_shape), ("hidden_norm", norm_shape)):
             group.create_array(name, shape=shape, chunks=(chunk_samples, *shape[1:]), dtype="float32", **common)
+        if known_bg:
+            group.create_array(
+                "known_bg",
+                shape=(n_samples, max_visual),
+                chunks=(chunk_samples, max_visual),
+                dtype="bool",
+                fill_value=False,
+                compressors=_compressor(),
+            )
         meta = dict(attrs or {})
         meta.setdefault("model_id", "")
         meta.setdefault("include_eos", False)
@@ -144,9 +162,14 @@ class AttentionStoreWriter:
         n_response: np.ndarray,
         attention: np.ndarray,
         hidden_norm: np.ndarray,
+        known_bg: np.ndarray | None = None,
     ) -> None:
-        """Write rows ``start : start + len(sample_ids)``; the last axis may be shorter than max_visual (0-padded)."""
-        rows = self._check_block(start, sample_ids, grid, n_response, attention, hidden_norm)
+        """Write rows ``start : start + len(sample_ids)``; the last axis may be shorter than max_visual (0-padded).
+
+        ``known_bg`` (n, <=max_visual) bool goes to the store's optional array (all False when omitted); a store
+        created without it refuses one.
+        """
+        rows = self._check_block(start, sample_ids, grid, n_response, attention, hidden_norm, known_bg)
         n = len(rows["sample_id"])
         first, last = start // self.chunk_samples, (start + n - 1) // self.chunk_samples
         for c in range(first, last + 1):
@@ -188,7 +211,9 @@ class AttentionStoreWriter:
         self._done.add(c)
         self._group.attrs["done_chunks"] = sorted(self._done)
 
-    def _check_block(self, start, sample_ids, grid, n_response, attention, hidden_norm) -> dict[str, np.ndarray]:
+    def _check_block(
+        self, start, sample_ids, grid, n_response, attention, hidden_norm, known_bg=None
+    ) -> dict[str, np.ndarray]:
         n = len(sample_ids)
         if n == 0 or start < 0 or start + n > self.n_samples:
             raise ValueError(f"rows {start}:{start + n} outside the store's {self.n_samples} samples")
@@ -206,13 +231,25 @@ class AttentionStoreWriter:
         if (grid < 1).any() or (area > self.max_visual).any():
             bad = ids[(area > self.max_visual) | (grid < 1).any(axis=1)][:5]
             raise ValueError(f"grid_h*grid_w outside 1..max_visual={self.max_visual} for samples {list(bad)}")
-        return {
+        rows = {
             "sample_id": ids,
             "grid": grid,
             "n_response": n_response,
             "attention": self._pad(attention),
             "hidden_norm": self._pad(hidden_norm),
         }
+        if known_bg is not None and not self.has_known_bg:
+            raise ValueError(f"{self.path}: store was created without known_bg (create it with known_bg=True)")
+        if self.has_known_bg:
+            kb = np.zeros((n, self.max_visual), bool) if known_bg is None else self._pad(np.asarray(known_bg, bool))
+            if kb.shape != (n, self.max_visual):
+                raise ValueError(f"known_bg block shape {np.shape(known_bg)}, store wants ({n}, <=V)")
+            past = kb & (np.arange(self.max_visual) >= area[:, None])
+            if past.any():
+                bad = ids[past.any(axis=1)][:5]
+                raise ValueError(f"known_bg marks tokens past grid_h*grid_w for samples {list(bad)}")
+            rows["known_bg"] = kb
+        return rows
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
         extra = self.max_visual - x.shape[-1]
@@ -242,7 +279,8 @@ class AttentionStore:
         self.per_head: bool = bool(self.attrs["per_head"])
         self.heads: list[int] | None = [int(h) for h in self.attrs["heads"]] if self.per_head else None
         self.model_id: str = str(self.attrs.get("model_id", ""))
-        self._arrays = {name: group[name] for name in ARRAYS}
+        self._arrays = {name: group[name] for name in (*ARRAYS, *OPTIONAL_ARRAYS) if name in group}
+        self.has_known_bg: bool = "known_bg" in self._arrays
         self.n_samples: int = int(self._arrays["grid"].shape[0])
         self.max_visual: int = int(self._arrays["attention"].shape[-1])
         self.chunk_samples: int = int(self._arrays["attention"].chunks[0])
@@ -262,6 +300,7 @@ class AttentionStore:
             self.n_response[start:stop],
             a["attention"][start:stop],
             a["hidden_norm"][start:stop],
+            a["known_bg"][start:stop] if self.has_known_bg else None,
         )
 
     @cached_property
@@ -332,6 +371,9 @@ def _check_arrays(group: zarr.Group, attrs: dict[str, Any], path: str | os.PathL
         "attention": (att_shape, np.dtype("float32")),
         "hidden_norm": ((n, n_layers, v), np.dtype("float32")),
     }
+    if "known_bg" in group:
+        arrs["known_bg"] = group["known_bg"]
+        want["known_bg"] = ((n, v), np.dtype("bool"))
     for name, (shape, dtype) in want.items():
         a = arrs[name]
         if tuple(a.shape) != shape:

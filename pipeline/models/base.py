@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.models.geometry import Crop
+from pipeline.models.geometry import Crop, ViewSpec
 
 
 @dataclass
@@ -115,6 +116,17 @@ class ModelAdapter(ABC):
     def crop_grid(self, width: int, height: int) -> tuple[int, int]:
         """(grid_h, grid_w) a ``width`` x ``height`` stage-2 crop is encoded on: by default, that of an image."""
         return self.visual_grid(width, height)
+
+    @property
+    def crop_view(self) -> ViewSpec:
+        """How a stage-2 crop (cut from the source image) is mapped onto its grid: by default stretched."""
+        return ViewSpec(pad_to_square=False)
+
+    def padding_tokens(self, width: int, height: int) -> np.ndarray | None:
+        """(grid_h * grid_w,) bool: the visual tokens of a ``width`` x ``height`` image that lie over the padding
+        of a padded square view (the reference code's ``get_foreground_mask`` rule), or None when the view has
+        no padding (the labels' known background, ``assign_labels(known_bg=...)``)."""
+        return None
 
     @abstractmethod
     def source_box(self, grid_box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:

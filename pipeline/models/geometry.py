@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+from PIL import Image
 
 GridBox = tuple[int, int, int, int]  # (y0, x0, y1, x1), inclusive token indices
 SourceBox = tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels, far edge exclusive
@@ -160,6 +161,49 @@ def source_box_to_grid(
     if gx1 < gx0 or gy1 < gy0:
         return None
     return gy0, gx0, gy1, gx1
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """``image`` centred on a square canvas of colour ``fill`` (the reference code's ``expand2square``).
+
+    The side is the long side; the short side is offset by ``(long - short) // 2`` pixels, as
+    :func:`grid_frame` models a pad. A square image comes back as it is.
+    """
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def padding_token_mask(width: int, height: int, grid_hw: tuple[int, int]) -> np.ndarray:
+    """(grid_h * grid_w,) bool: the tokens of a padded square view that the reference code counts as padding.
+
+    The rule of the reference ``get_foreground_mask`` (Qwen2.5-VL ``qwen_src/mm_utils.py``) on an ``n`` x ``n``
+    grid: the image's sides scaled to the grid, ``int(side / long * n)`` (at least 1); the short side's
+    content starts at ``(n - s) // 2`` and ends, exclusive, at ``s + ceil((n - s) / 2)``: the content
+    rectangle rounded outward by the reference's integer arithmetic (not the exact frame of
+    :func:`grid_frame`). A square image has no padding tokens.
+    """
+    gh, gw = grid_hw
+    if gh != gw:
+        raise ValueError(f"padding tokens are defined for a square grid, got {gh} x {gw}")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width} x {height}")
+    n = gh
+    long = max(width, height)
+    sw = max(int(width / long * n), 1)
+    sh = max(int(height / long * n), 1)
+    fg = np.zeros((n, n), dtype=bool)
+    if sw > sh:
+        fg[(n - sh) // 2 : min(sh + math.ceil((n - sh) / 2), n), :sw] = True
+    elif sh > sw:
+        fg[:sh, (n - sw) // 2 : min(sw + math.ceil((n - sw) / 2), n)] = True
+    else:
+        fg[:] = True
+    return ~fg.reshape(-1)
 
 
 def gt_token_masks(spans: list[tuple[float, float, float, float] | None], grids: np.ndarray, max_visual: int):

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.models.base import Batch, ModelAdapter, Stage2Inputs, left_pad
-from pipeline.models.geometry import Crop, ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
+from pipeline.models.geometry import (
+    Crop,
+    ViewSpec,
+    expand_to_square,
+    grid_box_to_source,
+    padding_token_mask,
+    source_box_to_grid,
+    source_box_to_span,
+)
 
 
 class LlavaAdapter(ModelAdapter):
@@ -18,14 +27,27 @@ class LlavaAdapter(ModelAdapter):
 
     family = "llava"
 
-    def __init__(self, model: nn.Module, processor, model_id: str, crop_size: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        processor,
+        model_id: str,
+        crop_size: int | None = None,
+        pad_to_square: bool = False,
+    ):
         """``crop_size``: side in pixels of the square view stage-2 crops are encoded at (None: the base view).
 
         A smaller side gives fewer crop tokens, ``(crop_size / patch)^2``, at the price of less zoom; the vision
         tower's position embeddings are then interpolated (transformers' ``interpolate_pos_encoding``), which the
         model may never have seen in training: measure before relying on it.
+
+        ``pad_to_square``: the reference LLaVA-1.5 view (``image_aspect_ratio: pad``): every image is centred on
+        a square of the image-mean colour (``int(255 * mean)`` per channel), then resized straight to the base
+        view, with no centre crop, whatever the processor's own pad / resize / crop settings (llava-hf's
+        ``CLIPImageProcessor`` resizes the short side and centre-crops instead).
         """
         super().__init__(model, processor, model_id)
+        self.pad_to_square = bool(pad_to_square)
         patch = int(model.config.vision_config.patch_size)
         if crop_size is not None and (int(crop_size) <= 0 or int(crop_size) % patch):
             raise ValueError(f"crop_size must be a positive multiple of the patch size {patch}, got {crop_size}")
@@ -60,7 +82,9 @@ class LlavaAdapter(ModelAdapter):
 
     @property
     def view_spec(self) -> ViewSpec:
-        """How the image processor maps an image onto the base view, read from its config."""
+        """How an image is mapped onto the base view: ``pad_to_square``'s, else the processor's own."""
+        if self.pad_to_square:
+            return ViewSpec(pad_to_square=True)  # pad, then a plain resize to the base view
         ip = self.processor.image_processor
 
         def get(obj, key):
@@ -75,6 +99,37 @@ class LlavaAdapter(ModelAdapter):
             shortest_edge=int(shortest) if shortest else None,
             crop_hw=crop if shortest and crop and None not in crop else None,
         )
+
+    @property
+    def pad_fill(self) -> tuple[int, ...]:
+        """The reference pad colour: the processor's image mean, ``int(255 * x)`` (CLIP: (122, 116, 104))."""
+        return tuple(int(x * 255) for x in self.processor.image_processor.image_mean)
+
+    def view_image(self, image: Image.Image) -> Image.Image:
+        """The image handed to the processor: centred on a mean-colour square with ``pad_to_square``, else as is."""
+        return expand_to_square(image.convert("RGB"), self.pad_fill) if self.pad_to_square else image
+
+    def _view_kwargs(self) -> dict:
+        """Processor overrides of the reference view: a plain resize to the base view, no crop, no second pad."""
+        if not self.pad_to_square:
+            return {}
+        side = self.base_view
+        kwargs = {"size": {"height": side, "width": side}, "do_center_crop": False}
+        if hasattr(self.processor.image_processor, "do_pad"):
+            kwargs["do_pad"] = False
+        return kwargs
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """Pixel values of the base views of ``images`` (the view :attr:`view_spec` describes)."""
+        ip = self.processor.image_processor
+        return ip([self.view_image(im) for im in images], return_tensors="pt", **self._view_kwargs())["pixel_values"]
+
+    def padding_tokens(self, width: int, height: int) -> np.ndarray | None:
+        spec = self.view_spec
+        cut = spec.shortest_edge is not None and spec.crop_hw not in (None, (spec.shortest_edge, spec.shortest_edge))
+        if not spec.pad_to_square or cut:
+            return None  # no padding, or a centre crop that cuts into the padded square (no reference rule)
+        return padding_token_mask(width, height, self.grid_shape)
 
     def source_box(self, grid_box, width, height):
         return grid_box_to_source(grid_box, self.grid_shape, width, height, self.view_spec)
@@ -96,7 +151,13 @@ class LlavaAdapter(ModelAdapter):
         prompts: list[str],
         responses: list[list[int]] | None = None,
     ) -> Batch:
-        enc = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        enc = self.processor(
+            images=[self.view_image(im) for im in images],
+            text=prompts,
+            padding=True,
+            return_tensors="pt",
+            **self._view_kwargs(),
+        )
         prompt_rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
         responses = responses if responses is not None else [[] for _ in prompts]
         rows = [p + list(r) for p, r in zip(prompt_rows, responses, strict=True)]
@@ -129,7 +190,9 @@ class LlavaAdapter(ModelAdapter):
 
         Same resampling and normalisation as the original view, but no pad and no centre crop: the crop
         fills the whole grid, so crop token (i, j) sits at (i, j) of the crop's box. For a square crop
-        of a padding processor this is exactly what the processor makes of the crop on its own.
+        of a padding processor this is exactly what the processor makes of the crop on its own. The reference
+        code does the same with ``pad_to_square`` (its two-stage crops are resized to 336 x 336 before its
+        padding ``process_images``, so nothing is padded): crops are stretched, never padded.
         """
         ip = self.processor.image_processor
         side = self.crop_side
@@ -188,7 +251,7 @@ class LlavaAdapter(ModelAdapter):
         encode_originals = encode_originals and not given
         pixels = []
         if encode_originals:
-            pixels.append(self.processor.image_processor(images, return_tensors="pt")["pixel_values"])
+            pixels.append(self.pixel_values(images))
         crop_images = [im for im, cs in zip(images, used, strict=True) for _ in cs]
         if crop_images:
             pixels.append(self.crop_pixels(crop_images, [c.box for cs in used for c in cs]))

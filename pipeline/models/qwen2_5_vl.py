@@ -7,8 +7,10 @@ with generate(): transformers 5 only computes the 3-D M-RoPE positions when it i
 otherwise silently falls back to plain 1-D positions.
 
 Two grid modes (``resolution``): ``{"mode": "fixed", "size": 672}`` resizes every image to
-size x size (the paper's training setting: 24x24 merged tokens); ``{"mode": "native", "min_pixels": ..,
-"max_pixels": ..}`` keeps the aspect ratio within a pixel budget, so each sample has its own grid.
+size x size (24x24 merged tokens); with ``"pad": true`` the image is first centred on a grey (127, 127, 127)
+square, as the reference code's ``expand2square`` does (the paper's view: labels, training and the label
+scripts); ``{"mode": "native", "min_pixels": .., "max_pixels": ..}`` keeps the aspect ratio within a pixel
+budget, so each sample has its own grid.
 
 Two-stage inference (:meth:`Qwen25VLAdapter.stage2_inputs`) puts each crop after the original view as a
 further image at the same resolution, with the M-RoPE positions the model gives a second image (masked
@@ -33,7 +35,15 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from pipeline.models.base import Batch, ModelAdapter, Stage2Inputs, left_pad
-from pipeline.models.geometry import Crop, ViewSpec, grid_box_to_source, source_box_to_grid, source_box_to_span
+from pipeline.models.geometry import (
+    Crop,
+    ViewSpec,
+    expand_to_square,
+    grid_box_to_source,
+    padding_token_mask,
+    source_box_to_grid,
+    source_box_to_span,
+)
 
 RESOLUTION_MODES = ("native", "fixed")
 
@@ -46,6 +56,7 @@ class Resolution:
     size: int | None = None  # fixed: side in pixels (a multiple of patch * merge, e.g. 672)
     min_pixels: int | None = None  # native: pixel budget passed to smart_resize
     max_pixels: int | None = None
+    pad: bool = False  # fixed only: centre the image on a grey square first (the reference's expand2square)
 
     def __post_init__(self) -> None:
         if self.mode not in RESOLUTION_MODES:
@@ -56,6 +67,10 @@ class Resolution:
             raise ValueError("resolution mode 'native' takes min_pixels/max_pixels, not size")
         if self.mode == "fixed" and (self.min_pixels is not None or self.max_pixels is not None):
             raise ValueError("resolution mode 'fixed' takes size, not min_pixels/max_pixels")
+        if not isinstance(self.pad, bool):
+            raise ValueError(f"resolution pad must be true or false, got {self.pad!r}")
+        if self.pad and self.mode != "fixed":
+            raise ValueError("resolution pad: true needs mode 'fixed' (the reference pads, then resizes to the square)")
 
     @classmethod
     def parse(cls, spec: Resolution | dict[str, Any] | None) -> Resolution:
@@ -64,7 +79,7 @@ class Resolution:
             return cls()
         if isinstance(spec, Resolution):
             return spec
-        known = {"mode", "size", "min_pixels", "max_pixels"}
+        known = {"mode", "size", "min_pixels", "max_pixels", "pad"}
         unknown = sorted(set(spec) - known)
         if unknown:
             raise ValueError(f"unknown resolution key(s) {unknown}; known: {sorted(known)}")
@@ -158,17 +173,37 @@ class Qwen25VLAdapter(ModelAdapter):
         h, w = smart_resize(height, width, factor=self.factor, min_pixels=lo, max_pixels=hi)
         return h // self.factor, w // self.factor
 
-    # Both modes stretch the whole image onto the grid (no pad, no crop): the grid tiles the image uniformly.
-    _VIEW = ViewSpec(pad_to_square=False)
+    #: The grey the reference code pads to a square with (``expand2square(image, (127, 127, 127))``).
+    PAD_FILL = (127, 127, 127)
+
+    @property
+    def view_spec(self) -> ViewSpec:
+        """Native and plain fixed stretch the whole image onto the grid; ``pad`` pads it to a square first."""
+        return ViewSpec(pad_to_square=self.resolution.pad)
+
+    @property
+    def crop_view(self) -> ViewSpec:
+        """Crops are encoded like images: padded to a square too when the view pads."""
+        return self.view_spec
 
     def source_box(self, grid_box, width, height):
-        return grid_box_to_source(grid_box, self.visual_grid(width, height), width, height, self._VIEW)
+        return grid_box_to_source(grid_box, self.visual_grid(width, height), width, height, self.view_spec)
 
     def grid_box(self, source_box, width, height):
-        return source_box_to_grid(source_box, self.visual_grid(width, height), width, height, self._VIEW)
+        return source_box_to_grid(source_box, self.visual_grid(width, height), width, height, self.view_spec)
 
     def grid_span(self, source_box, width, height):
-        return source_box_to_span(source_box, self.visual_grid(width, height), width, height, self._VIEW)
+        return source_box_to_span(source_box, self.visual_grid(width, height), width, height, self.view_spec)
+
+    def padding_tokens(self, width: int, height: int) -> np.ndarray | None:
+        if not self.resolution.pad:
+            return None
+        return padding_token_mask(width, height, self.visual_grid(width, height))
+
+    def view_image(self, image: Image.Image) -> Image.Image:
+        """The RGB image the processor patches (before its resize): padded to a grey square when the view pads."""
+        image = image.convert("RGB")
+        return expand_to_square(image, self.PAD_FILL) if self.resolution.pad else image
 
     def render_prompt(self, question: str, n_images: int = 1) -> str:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
@@ -180,7 +215,7 @@ class Qwen25VLAdapter(ModelAdapter):
         ip = self.processor.image_processor
         if self.resolution.mode == "fixed":
             side = self.resolution.size
-            resized = [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
+            resized = [self.view_image(im).resize((side, side), Image.Resampling.BICUBIC) for im in images]
             # Already a multiple of the patch factor: the processor must not apply its own pixel budget on top.
             out = ip(resized, do_resize=False, return_tensors="pt")
         else:
@@ -283,9 +318,10 @@ class Qwen25VLAdapter(ModelAdapter):
     ) -> Stage2Inputs:
         """Each original view, then its crops as further images (kept tokens only), then the question.
 
-        A crop is cut from the source image and encoded exactly like an image of its own: the same image
-        processor at the configured resolution (fixed: resized to the fixed size; native: its own size within
-        the pixel budget) and the same vision tower, in one forward with the original views. The chat template
+        A crop is cut from the source image (source pixels, clipped to the image) and encoded exactly like an
+        image of its own: the same image processor at the configured resolution (fixed: resized to the fixed
+        size, after the same grey pad to a square when the view pads; native: its own size within the pixel
+        budget) and the same vision tower, in one forward with the original views. The chat template
         puts it between its own ``<|vision_start|>`` / ``<|vision_end|>``; its ``<|image_pad|>`` run is as long
         as the tokens it keeps.
 

@@ -36,22 +36,33 @@ class Captured:
 
 
 def response_row_mask(
-    batch: Batch, n_rows: int, include_eos: bool, eos_ids: list[int], include_last_prompt: bool = False
+    batch: Batch,
+    n_rows: int,
+    include_eos: bool,
+    eos_ids: list[int] | None = None,
+    include_last_prompt: bool = False,
 ) -> torch.Tensor:
     """(B, n_rows) mask over the last ``n_rows`` positions: True where the row is a response query.
 
-    Rows are the response tokens as fed back to the model; a final EOS is excluded unless
-    ``include_eos`` (the reference code never feeds the final EOS back). ``include_last_prompt`` adds the
-    last prompt token, the position that produced the first answer token (for one-word answers it is
-    where the model reads the image; not the paper's default).
+    The rows are the generated tokens as the model is fed them back during generation: every response token
+    except the last one, whatever the last one is (an EOS, or the token that hit ``max_new_tokens``), each row
+    weighing the same. That is the reference's rule (github YuHengsss/SD-RPN, commit 27ba877): its label
+    script ``LLaVA/llava/eval/model_vqa_label.py`` registers its hooks once (L90), clears them per sample
+    (L96) and generates with ``use_cache=True``, ``output_attentions=True``, ``max_new_tokens=128``
+    (L117-129); the hook (``LLaVA/llava/ana_utils.py`` L35-56) appends the attention of every call of every
+    layer's ``self_attn``. ``get_attn_weights_map`` (ana_utils.py L76-163) sets the prefill call (j == 0)
+    apart (L124-135), takes query row 0 of each later call (L143-144), which is the token generated at the
+    step before (``generate`` runs no forward after its last token, EOS or not), and averages those rows with
+    equal weight (``np.mean`` over the calls, L154-157).
+
+    ``include_eos`` (not the reference) also takes the last response token, so every response token is a row.
+    ``include_last_prompt`` adds the last prompt token, the position that produced the first answer token (for
+    one-word answers it is where the model reads the image; not the paper's default). ``eos_ids`` is unused
+    (the rule no longer looks at the token; kept so older callers still work).
     """
     ids = batch.inputs["input_ids"]
     lens = batch.response_len.to(ids.device)
-    keep = lens.clone()
-    if not include_eos and lens.numel():
-        last = ids[:, -1]
-        is_eos = torch.isin(last, torch.tensor(eos_ids, device=ids.device))
-        keep = keep - (is_eos & (lens > 0)).long()
+    keep = lens.clone() if include_eos else (lens - 1).clamp(min=0)
     offsets = torch.arange(n_rows, device=ids.device).unsqueeze(0)
     # Row r sits at sequence position S - n_rows + r; the response starts at row n_rows - lens.
     first = (n_rows - lens).unsqueeze(1)
@@ -69,7 +80,11 @@ def capture_attention(
     include_eos: bool = False,
     include_last_prompt: bool = False,
 ) -> Captured:
-    """Run one truncated forward over prompt + response and capture what the label stage needs."""
+    """Run one truncated forward over prompt + response and capture what the label stage needs.
+
+    The averaged rows are :func:`response_row_mask`'s: the response tokens but the last (the reference's
+    rows), all of them with ``include_eos``, plus the last prompt token with ``include_last_prompt``.
+    """
     if not layers:
         raise ValueError("capture_attention needs at least one layer")
     n_layers_model = len(adapter.decoder_layers)

@@ -35,6 +35,39 @@ def max_visual_tokens(adapter: ModelAdapter, manifest: pa.Table) -> int:
     return max(h * w for h, w in {adapter.visual_grid(w, h) for w, h in sizes})
 
 
+def padding_masks(adapter: ModelAdapter, manifest: pa.Table) -> dict[tuple[int, int], np.ndarray]:
+    """``{(width, height): (grid_h * grid_w,) bool}``: the tokens over the padding of the view, per image size.
+
+    From the adapter's ``padding_tokens(width, height)`` when it has one; sizes it answers None for (a view
+    without padding) are left out, so an empty dict means the store needs no ``known_bg`` array.
+    """
+    fn = getattr(adapter, "padding_tokens", None)
+    if not callable(fn):
+        return {}
+    out = {}
+    for size in sorted(
+        set(zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist(), strict=True))
+    ):
+        mask = fn(*size)
+        if mask is not None:
+            out[size] = np.asarray(mask, dtype=bool).reshape(-1)
+    return out
+
+
+def known_bg_block(masks: dict[tuple[int, int], np.ndarray], sizes, grids) -> np.ndarray:
+    """(n, max grid area) bool rows for one batch: each sample's padding mask (all False when none is known)."""
+    grids = np.asarray(grids, dtype=np.int64).reshape(-1, 2)
+    out = np.zeros((len(grids), int((grids[:, 0] * grids[:, 1]).max())), dtype=bool)
+    for i, (size, (gh, gw)) in enumerate(zip(sizes, grids, strict=True)):
+        mask = masks.get(tuple(size))
+        if mask is None:
+            continue
+        if mask.shape != (gh * gw,):
+            raise ValueError(f"padding_tokens{tuple(size)} gave {mask.shape[0]} tokens, the grid has {gh} x {gw}")
+        out[i, : gh * gw] = mask
+    return out
+
+
 def dump_attention(
     adapter: ModelAdapter,
     manifest: pa.Table,
@@ -43,11 +76,16 @@ def dump_attention(
     writer: AttentionStoreWriter,
     progress: bool = True,
 ) -> None:
-    """Fill every pending range of ``writer`` (finished chunks of an interrupted run are skipped)."""
+    """Fill every pending range of ``writer`` (finished chunks of an interrupted run are skipped).
+
+    A writer whose store has the ``known_bg`` array (see :func:`padding_masks`) gets each sample's padding tokens.
+    """
     ids = manifest.column("sample_id").to_pylist()
     refs = manifest.column("image").to_pylist()
     questions = manifest.column("question").to_pylist()
     response_ids = join_responses(manifest, responses)
+    sizes = list(zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist(), strict=True))
+    masks = padding_masks(adapter, manifest) if writer.has_known_bg else None
     pending = writer.pending_ranges()
     bar = tqdm(total=sum(hi - lo for lo, hi in pending), desc="dump", unit="sample", disable=not progress)
     for lo, hi in pending:
@@ -66,6 +104,7 @@ def dump_attention(
                 cap.n_rows.cpu().numpy().astype(np.int32),
                 cap.attention.cpu().numpy(),
                 cap.hidden_norm.cpu().numpy(),
+                None if masks is None else known_bg_block(masks, sizes[start:stop], batch.grids),
             )
             bar.update(stop - start)
     bar.close()

@@ -6,8 +6,22 @@ params.yaml may keep listing every key for documentation. ``paper`` is the plain
 defaults (paper eq. 1-2, norm-based sinks). Layers and heads are 0-indexed model indices; the dump
 must store them (``per_head: true`` and the layers of :func:`dump_requirements`).
 
-Not reproduced from the reference code: Qwen's 3x3 Gaussian blur of the fg mask before taking the
-box, and forcing padded-image regions to background (Qwen's views here have no padding).
+Each reference preset reproduces the authors' label function (``create_pseudo_labels`` in the reference's
+``LLaVA/llava/mm_utils.py`` / ``Qwen2.5-VL/qwen_src/mm_utils.py``, fed by its label scripts) token for token
+on the same per-head maps (``tests/test_authors_labels.py`` restates it and compares): one flat mean over the
+selected heads, LLaVA-7B in float16 arithmetic (``map_dtype``), strict inequalities, sinks zeroed, the big-box
+rule, Qwen's ``min_a_max`` and its fg box taken on the 3x3 Gaussian blur of the fg-masked map (``box_blur``).
+Qwen's reference also makes the tokens over the grey padding of its square view (``expand2square``) sinks and
+background (``mask_known_bg = fix_res``): the Qwen presets set ``mask_known_bg``, so the ``label`` stage passes
+the store's ``known_bg`` array (written by ``dump`` from the adapter's ``padding_tokens``) to
+:func:`~pipeline.teacher.labels.assign_labels`; a store without it (a view without padding) has no such tokens.
+LLaVA's ``create_pseudo_labels`` has no padding rule (its padding tokens are ordinary tokens), so its presets
+leave it off.
+
+The reference presets are made for the reference views: ``model: {pad_to_square: true}`` for LLaVA-1.5 (the
+image centred on a square of the image-mean colour, resized with no centre crop) and ``model: {resolution:
+{mode: fixed, size: 672, pad: true}}`` for Qwen2.5-VL (a grey square, 24 x 24 merged tokens); with another
+view the same heads see another image.
 """
 
 from __future__ import annotations
@@ -21,13 +35,20 @@ from pipeline.teacher.labels import LabelParams
 # Reference-code extras shared by every model (SPEC 1.4): strict inequalities, drop big fg boxes.
 _REFERENCE = {"strict": True, "max_box_frac": 0.5}
 _LLAVA = {**_REFERENCE, "sink_method": "attention", "sink_attn_threshold": 1e-3}
-_QWEN = {**_REFERENCE, "min_a_max": 5e-3}
+_QWEN = {**_REFERENCE, "min_a_max": 5e-3, "box_blur": True, "mask_known_bg": True}
 _QWEN_NATURAL = {**_QWEN, "sink_method": "attention", "sink_attn_threshold": 1e-2}
 _QWEN_TEXT = {**_QWEN, "sink_method": "none"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "llava_1_5_7b": {**_LLAVA, "heads": {14: [13, 24, 26]}, "sink_attn_layer": 2, "sink_attn_heads": None},
+    # the 7B label script sums its float16 head maps in float16; the 13B one accumulates in float64
+    "llava_1_5_7b": {
+        **_LLAVA,
+        "heads": {14: [13, 24, 26]},
+        "sink_attn_layer": 2,
+        "sink_attn_heads": None,
+        "map_dtype": "float16",
+    },
     "llava_1_5_13b": {
         **_LLAVA,
         "heads": {16: [2, 21, 30], 15: [2], 13: [21, 23, 26]},

@@ -1,9 +1,11 @@
 """Sink removal and tri-state RoI pseudo-labels (SPEC 1.3-1.4), vectorised over blocks of samples.
 
-Numerics are pinned so a plain loop can reproduce them bit for bit: the map is the float64 mean over
-selected heads (summed in the given order) of each layer, then the float64 mean over layers; with a
-single (layer, head-mean) selection it is the stored float32 value. Thresholds are ``tau * a_max`` in
-float64; the norm median is taken in float64.
+Numerics are pinned so a plain loop can reproduce them bit for bit. The map is one flat mean over every
+selected (layer, head) map, as the reference label scripts take it: the maps are summed in selection order
+(layers in the order given, each layer's heads in the order given) in float64 and the sum is divided by the
+number of maps. With a single selected map it is the stored value, untouched. ``map_dtype="float16"``
+reproduces the LLaVA-1.5-7B label script's float16 arithmetic instead (see :class:`LabelParams`).
+Thresholds are ``tau * a_max`` in float64; the norm median is taken in float64.
 
 Every consumer of the label rules goes through this module's public pieces, so they cannot drift:
 :func:`label_block` labels a block of an attention store exactly as the ``label`` stage does (the stage,
@@ -22,10 +24,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.inference.roi import smooth
 from pipeline.io.attention_store import AttentionStore, Block, open_attention_store
 from pipeline.io.contracts import write_parquet
 
 SINK_METHODS = ("norm", "attention", "none")
+MAP_DTYPES = ("float64", "float16")
 # skip_code -> skip_reason; code 0 means kept (null reason).
 SKIP_REASONS: tuple[str | None, ...] = (
     None,
@@ -57,10 +61,27 @@ class LabelParams:
     max_box_frac: float | None = None  # reference 0.5: drop the sample when the fg box covers >= this
     min_a_max: float | None = None  # Qwen reference 5e-3: drop the sample when a_max < this
     soft_targets: bool = False  # also write a / a_max per token (ablation: an RPN regressing the map, no assignment)
+    # Arithmetic of the label and sink maps. "float64": flat float64 mean (see the module doc). "float16": the
+    # LLaVA-1.5-7B label script's (its maps are float16 arrays): each selected map is rounded to float16, summed
+    # in order in float16 and divided by the count in float16 (((h1 + h2) + h3) / 3); the sink map is numpy's
+    # float16 mean (float32 running sum in order, divided in float32, rounded to float16) and is compared with
+    # the threshold rounded to float16.
+    map_dtype: str = "float64"
+    # Qwen2.5-VL reference: the fg box is the box of the fg-masked map blurred by a 3x3 Gaussian (sigma 1,
+    # reflect-101 borders; pipeline.inference.roi.smooth) and thresholded at > 0, i.e. the fg box grown by one
+    # token on every side, clipped to the grid. It then decides bg (outside the box) and max_box_frac.
+    box_blur: bool = False
+    # Qwen2.5-VL reference (mask_known_bg = fix_res): the tokens over the padding of a square view, which the
+    # store's optional known_bg array lists, are sinks and background (assign_labels' known_bg). A store
+    # without that array (a view without padding, or a store from before it) labels as if none were padding.
+    # LLaVA's create_pseudo_labels has no such rule: its padding tokens are ordinary tokens.
+    mask_known_bg: bool = False
 
     def __post_init__(self) -> None:
         if self.sink_method not in SINK_METHODS:
             raise ValueError(f"sink_method must be one of {SINK_METHODS}, got {self.sink_method!r}")
+        if self.map_dtype not in MAP_DTYPES:
+            raise ValueError(f"map_dtype must be one of {MAP_DTYPES}, got {self.map_dtype!r}")
         if self.sink_method == "attention" and self.sink_attn_layer is None:
             raise ValueError("sink_method 'attention' needs sink_attn_layer")
         if not (0 <= self.tau_bg <= 1 and 0 <= self.tau_fg <= 1):
@@ -135,27 +156,42 @@ def label_plan(params: LabelParams, store_layers: Sequence[int], store_heads: Se
     return LabelPlan(select, lpos(norm_layer, "sink_norm_layer"), sink_attn)
 
 
-def attention_map(attention: np.ndarray, select: Select) -> np.ndarray:
-    """(n, V) map: mean over the selected heads of each layer, then over layers (float64, summed in order).
+def attention_map(
+    attention: np.ndarray, select: Select, dtype: str = "float64", accumulate: str | None = None
+) -> np.ndarray:
+    """(n, V) map: one flat mean over every selected (layer, head) map, summed in selection order.
 
-    ``attention`` is (n, L, V) head-mean or (n, L, H, V) per-head; ``select`` as in :class:`LabelPlan`. A
-    single stored map (one layer, head-mean or one head) comes back untouched, in the stored dtype.
+    ``attention`` is (n, L, V) head-mean or (n, L, H, V) per-head; ``select`` as in :class:`LabelPlan`. Each
+    selected head counts once, whatever its layer (LLaVA-13B's 3 + 1 + 3 heads each weigh 1/7). On a head-mean
+    store (no head axis) the pairs are the layers: each stored head-mean counts once.
+
+    Each map is taken in ``dtype``, summed left to right in ``accumulate`` (default ``dtype``), divided by the
+    number of maps in that dtype and returned in ``dtype``. The default (float64) returns a single selected map
+    untouched, in the stored dtype. ``dtype="float16"`` is the LLaVA-7B label map, ``dtype="float16",
+    accumulate="float32"`` numpy's float16 mean (its sink map); see :class:`LabelParams`.
     """
-    if len(select) == 1 and (select[0][1] is None or len(select[0][1]) == 1):
-        lp, hp = select[0]
-        return attention[:, lp] if hp is None else attention[:, lp, hp[0]]
-    total = None
-    for lp, hp in select:
-        if hp is None:
-            layer_map = attention[:, lp].astype(np.float64)
-        else:
-            # Sequential adds (not np.mean's pairwise sum) so the loop reference matches exactly.
-            layer_map = attention[:, lp, hp[0]].astype(np.float64)
-            for h in hp[1:]:
-                layer_map += attention[:, lp, h]
-            layer_map /= len(hp)
-        total = layer_map if total is None else total + layer_map
-    return total / len(select) if len(select) > 1 else total
+    pairs = [(lp, h) for lp, hp in select for h in ([None] if hp is None else hp)]
+    if not pairs:
+        raise ValueError("attention_map: empty selection")
+
+    def one(lp: int, h: int | None) -> np.ndarray:
+        return attention[:, lp] if h is None else attention[:, lp, h]
+
+    dt = np.dtype(dtype)
+    acc = dt if accumulate is None else np.dtype(accumulate)
+    if len(pairs) == 1 and dt == np.float64 and acc == np.float64:
+        return one(*pairs[0])
+    total = one(*pairs[0]).astype(dt)  # a fresh array
+    if acc != dt:
+        total = total.astype(acc)
+    for lp, h in pairs[1:]:
+        m = one(lp, h)
+        # Sequential adds (not np.mean's pairwise sum) so a plain loop reproduces them; float32 -> float64 is
+        # exact, so the default adds the stored map as is.
+        total += m if dt == np.float64 else m.astype(dt)
+    if len(pairs) > 1:
+        total /= len(pairs)
+    return total.astype(dt, copy=False)
 
 
 def fg_mask(a: np.ndarray, a_max: np.ndarray, params: LabelParams, real: np.ndarray | None = None) -> np.ndarray:
@@ -210,6 +246,7 @@ def assign_labels(
     store_layers: Sequence[int] | None = None,
     store_heads: Sequence[int] | None = None,
     n_response: np.ndarray | None = None,
+    known_bg: np.ndarray | None = None,
     return_maps: bool = False,
 ) -> dict[str, np.ndarray]:
     """Label a block of samples.
@@ -217,10 +254,14 @@ def assign_labels(
     ``attention`` is (n, L, V) head-mean or (n, L, H, V) per-head, ``hidden_norm`` (n, L, V), ``grid`` (n, 2);
     tokens past grid_h*grid_w are padding. ``store_layers``/``store_heads`` name the stored layers/heads along
     the L/H axes (default 0..L-1 / 0..H-1). ``n_response`` (n,) lets a sample whose answer had no rows be
-    reported as such rather than as an all-zero map. ``return_maps`` adds ``raw_map`` (the layer/head mean before
-    sink removal), ``map`` (after it) and ``sink`` (bool), each (n, V) on the real tokens, for reports.
+    reported as such rather than as an all-zero map. ``known_bg`` (n, V) bool marks tokens known to show no image
+    content (the Qwen reference's ``mask_known_bg``: the grey padding of its square view); they are treated as
+    the reference treats them: counted as sinks (zeroed before a_max, in ``n_sink``) and labelled background
+    even inside the fg box (not when a_max == 0: such samples stay all -1). ``return_maps`` adds ``raw_map``
+    (the layer/head mean before sink removal), ``map`` (after it) and ``sink`` (bool, incl. ``known_bg``), each
+    (n, V) on the real tokens, for reports.
     Returns per-sample arrays: labels (n, V) int8 (-1 past n_visual), grid_h, grid_w, n_fg, n_bg, n_ignore,
-    n_sink, fg_y0/fg_x0/fg_y1/fg_x1 (inclusive, -1 when no fg),
+    n_sink, fg_y0/fg_x0/fg_y1/fg_x1 (inclusive, -1 when no fg; with ``box_blur`` the blurred box the rules use),
     a_max float32, sink_tau float64 (NaN unless sink_method is "norm"), kept, skip_code, skip_reason.
     """
     n, n_layers, v = len(attention), attention.shape[1], attention.shape[-1]
@@ -245,13 +286,19 @@ def assign_labels(
     else:
         v0 = v
         real = np.arange(v) < nv[:, None]
+    if known_bg is not None:
+        known_bg = np.asarray(known_bg, dtype=bool).reshape(n, v)[:, :v0]
+        if real is not None:
+            known_bg = known_bg & real
     _check_finite(
         attention, None if real is None else real[:, None, None] if per_head else real[:, None], sample_ids, "attention"
     )
     _check_finite(hidden_norm, None if real is None else real[:, None], sample_ids, "hidden_norm")
 
-    a = raw_map = attention_map(attention, plan.select)
+    a = raw_map = attention_map(attention, plan.select, params.map_dtype)
     sink, sink_tau = _sinks(attention, hidden_norm, params, plan, real, nv, uniform)
+    if known_bg is not None:
+        sink = known_bg if sink is None else sink | known_bg
     if sink is not None:
         a = np.where(sink, a.dtype.type(0), a)
     a_max = (a if real is None else np.where(real, a, -np.inf)).max(axis=1, initial=-np.inf)
@@ -259,12 +306,15 @@ def assign_labels(
     fg = fg_mask(a, a_max, params, real)
     thr_bg = params.tau_bg * a_max.astype(np.float64)[:, None]
 
+    box_of = _blurred_support(a, fg, gh, gw) if params.box_blur else fg
     if uniform:
-        y0, x0, y1, x1, in_box = _box_uniform(fg, int(gh[0]), int(gw[0]))
+        y0, x0, y1, x1, in_box = _box_uniform(box_of, int(gh[0]), int(gw[0]))
     else:
-        y0, x0, y1, x1, in_box = _box_ragged(fg, gw)
+        y0, x0, y1, x1, in_box = _box_ragged(box_of, gw)
     bg = a < thr_bg if params.strict else a <= thr_bg
     bg &= ~in_box
+    if known_bg is not None:
+        bg |= known_bg & ~fg
     bg[zero] = False
     if real is not None:
         bg &= real
@@ -337,14 +387,30 @@ def _sinks(attention, hidden_norm, params: LabelParams, plan: LabelPlan, real, n
         else:
             tau = params.sink_norm_factor * _median(norms, nv, uniform)
         sink = norms > tau[:, None]
+    elif params.map_dtype == "float16":
+        # numpy's float16 mean of float16 maps, compared in float16 (a Python float meets a float16 array there)
+        s = attention_map(attention, [plan.sink_attn], "float16", accumulate="float32")
+        sink = s >= np.float16(params.sink_attn_threshold)
     else:
-        lp, hp = plan.sink_attn
-        s = attention_map(attention, [(lp, hp)])
+        s = attention_map(attention, [plan.sink_attn])
         # np.float64: a bare Python float would be cast down to the map's float32 (NEP 50)
         sink = s >= np.float64(params.sink_attn_threshold)
     if real is not None:
         sink &= real
     return sink, tau
+
+
+def _blurred_support(a: np.ndarray, fg: np.ndarray, gh: np.ndarray, gw: np.ndarray) -> np.ndarray:
+    """Tokens where the fg-masked map blurred by :func:`~pipeline.inference.roi.smooth` (3x3, sigma 1) is > 0.
+
+    The Qwen reference takes its fg box from that blur; on each sample's own grid, one sample at a time.
+    """
+    support = np.zeros(fg.shape, dtype=bool)
+    masked = np.where(fg, a, 0).astype(np.float64)
+    for i in np.flatnonzero(fg.any(axis=1)):
+        h, w = int(gh[i]), int(gw[i])
+        support[i, : h * w] = (smooth(masked[i, : h * w].reshape(h, w)) > 0).ravel()
+    return support
 
 
 def _box_uniform(fg: np.ndarray, h: int, w: int):
@@ -382,7 +448,8 @@ def _box_ragged(fg: np.ndarray, gw: np.ndarray):
 def label_block(
     store: AttentionStore, block: Block, params: LabelParams, return_maps: bool = False
 ) -> dict[str, np.ndarray]:
-    """:func:`assign_labels` on one block of ``store``, with the store's layer/head names and response counts.
+    """:func:`assign_labels` on one block of ``store``, with the store's layer/head names and response counts,
+    and with ``mask_known_bg`` the store's padding tokens (``known_bg``; None when the store has none).
 
     The ``label`` stage writes exactly these labels; reports and inspection call this too, so they see them.
     """
@@ -395,6 +462,7 @@ def label_block(
         store_layers=store.layers,
         store_heads=store.heads,
         n_response=block.n_response,
+        known_bg=block.known_bg if params.mask_known_bg else None,
         return_maps=return_maps,
     )
 

@@ -19,11 +19,18 @@ class DecodeParams:
 
 @dataclass
 class DumpParams:
-    """Which layers to capture and how (SPEC 1.2)."""
+    """Which layers to capture and how (SPEC 1.2).
+
+    The attention is the equal-weight mean over the response rows of
+    :func:`~pipeline.teacher.attention_capture.response_row_mask`. By default (the reference's rows) they are
+    the response tokens fed back during generation: every generated token except the last one, whether that
+    one is an EOS or the token that reached ``max_new_tokens``. ``include_eos`` also takes that last token
+    (every generated token; not the reference); ``include_last_prompt`` also takes the last prompt token.
+    """
 
     layers: list[int] = field(default_factory=lambda: [14])  # LLaVA-1.5-7B's label layer
     per_head: bool = False
-    include_eos: bool = False
+    include_eos: bool = False  # also the last generated token (EOS or cut by max_new_tokens); reference: false
     include_last_prompt: bool = False  # also the row that produced the first answer token (not the paper's)
     batch_size: int = 16
     chunk_samples: int = 256
