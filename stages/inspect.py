@@ -96,6 +96,10 @@ def inspect(
             setattr(view, key, value)
         ip = adapter.processor.image_processor
         pixels = adapter.build_batch([image], [adapter.render_prompt(r["question"])]).inputs["pixel_values"][0]
-        picture = render(view, model_view(pixels.float().cpu(), ip.image_mean, ip.image_std))
+        if pixels.ndim == 3:  # (3, H, W): the processor's own view, exactly as the model sees it
+            base = model_view(pixels.float().cpu(), ip.image_mean, ip.image_std)
+        else:  # patch-flattened (Qwen2.5-VL): the image it patches, padded as the view pads
+            base = adapter.view_image(image)
+        picture = render(view, base)
         picture.save(out_dir / f"{sid}.png")
         click.echo(f"inspect: {out_dir / f'{sid}.png'}")

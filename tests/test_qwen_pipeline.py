@@ -143,3 +143,34 @@ def test_dvc_repro_runs_every_stage_on_qwen(project):
     for sid, boxes in zip(with_crops["sample_id"], with_crops["crop_boxes"].to_list(), strict=True):
         w, h = size_of[sid]
         assert all(0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h for x0, y0, x1, y1 in boxes)
+
+
+def test_inspect_draws_over_the_padded_view(project):
+    """With ``pad: true`` the maps of ``inspect`` lie over the model's padded square: grey bands around the image."""
+    proj, train_sizes, _, resolution = project
+    if not resolution.get("pad"):
+        pytest.skip("only the padded view has a pad to show")
+    _dvc(proj, "repro", "train")  # a no-op after the test above; the teacher artifacts inspect reads
+    manifest = read_parquet(proj / "artifacts/manifest.parquet", "manifest").to_pylist()
+    wide = next(r for r, (w, h) in zip(manifest, train_sizes, strict=True) if w > 1.5 * h)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run(["sdrpn", "inspect", wide["sample_id"]], cwd=proj, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    from pipeline.report.inspect_view import PANEL
+
+    picture = np.asarray(Image.open(proj / f"artifacts/inspect/{wide['sample_id']}.png").convert("RGB")).astype(int)
+    assert picture.shape[1] == 5 * PANEL  # image, raw attention, sinks, labels, RPN map
+    # The sinks panel blends the model's view half and half with dark grey (non-sink) or red (sink) cells. Over
+    # the reference's (127, 127, 127) padding above and below a wide image that leaves two flat colours; over a
+    # stretched image the rows would carry the image's own pixels.
+    w, h = next(s for r, s in zip(manifest, train_sizes, strict=True) if r is wide)
+    band = round(PANEL * (1 - h / w) / 2) - 3  # panel rows certainly over the padding
+    assert band > 0
+    sinks = picture[20 : 20 + PANEL, 2 * PANEL : 3 * PANEL]
+    for rows in (sinks[:band], sinks[-band:]):
+        flat = rows.reshape(-1, 3)
+        grey = np.abs(flat - [78, 78, 78]).max(1) <= 2  # 127 / 2 + 30 / 2
+        red = np.abs(flat - [178, 83, 83]).max(1) <= 2  # 127 / 2 + (230, 40, 40) / 2
+        assert (grey | red).all()
+    middle = sinks[PANEL // 2 - 3 : PANEL // 2 + 3].reshape(-1, 3)
+    assert not ((np.abs(middle - [78, 78, 78]).max(1) <= 2) | (np.abs(middle - [178, 83, 83]).max(1) <= 2)).all()
