@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -89,15 +89,10 @@ class LabelParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> LabelParams:
-        """Build from a params.yaml section; unknown keys are an error (typos must not pass silently)."""
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown label params {sorted(unknown)}")
-        if isinstance(d.get("heads"), dict):
-            # YAML/JSON may give layer keys as strings
-            d["heads"] = {int(k): [int(h) for h in v] for k, v in d["heads"].items()}
-        return cls(**d)
+        """Build from a params.yaml ``label`` mapping with the one params parser (unknown keys are an error)."""
+        from pipeline.config import parse_section  # here: config's pydantic is only needed when parsing
+
+        return parse_section(cls, d, "label")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
