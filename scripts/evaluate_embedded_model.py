@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
-    p.add_argument("--world", default=None, help="JSON WorldParams; default: the model's training_summary.json world")
+    p.add_argument("--world", default=None, help="JSON WorldParams; default: the pipeline default world")
     p.add_argument(
         "--write-reference",
         action="store_true",
@@ -204,11 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     model, processor = load(args.model, args.device)
-    summary = Path(args.model) / "training_summary.json"
-    world = json.loads(args.world) if args.world else {}
-    if not world and summary.is_file():  # the world the model was trained on
-        world = json.loads(summary.read_text()).get("world", {})
-    params = WorldParams(**world)
+    # the pipeline's world (not the one recorded in training_summary.json: the generator has changed since)
+    params = WorldParams(**(json.loads(args.world) if args.world else {}))
     samples = [generate_sample(params, args.world_seed, i) for i in range(args.n)]
     report = evaluate(model, processor, samples, args.batch, args.crop_margin, args.device)
     report.update(

@@ -5,11 +5,14 @@ frames. Every frame holds one small glyph; the question names a frame by its col
 the red box ?") and the answer is its glyph. Frames are plain at the model's base view (224 px:
 the colour survives the 2x downscale), the glyph is not. By default a frame's interior is filled
 with one of four 1-px-period textures (``rows``, ``columns``, ``checks``, or ``nothing``; grey
-stray patches of them lie outside the frames): every 2x2 tile of a texture has zero mean, so the
-2x downscale to the base view flattens all four into the same interior colour, while a crop of
-the frame resized to 224 px (any crop up to ~250 source px) shows the pattern. That is the
-paper's situation, made exact: the detail is lost at the base resolution and present in a
-high-resolution crop. (A spike found that plain small glyphs, even
+stray patches of them lie outside the frames). A texture is the outer product of 1-D profiles
+(``texture_profile``) built so that the base view's 2x bicubic downscale maps each profile to
+exactly zero at every output pixel, its edges included, and no pixel of a textured region can
+clip: all four answers give the base view the same pixels up to the shared noise, while a crop
+of the frame resized to 224 px (any crop up to ~250 source px) shows the pattern. That is the
+paper's situation, made exact: the detail is not in the base view and is plain in a
+high-resolution crop (``tests/test_world_leak.py`` checks that no classifier on the base view's
+named frame beats the majority answer). (A spike found that plain small glyphs, even
 2.5x3.5 px at the base view, are read by a small CNN: downscaling keeps their information unless
 it is cancelled; and 5x7 characters drawn in a checker pattern, the other cancelled style here,
 were not learned by a small model in 2,000 GPU steps.)
@@ -80,9 +83,7 @@ GLYPH_MASKS: dict[str, np.ndarray] = {
     g: np.array([[c == "#" for c in row] for row in rows], dtype=bool) for g, rows in _FONT_ROWS.items()
 }
 
-# Texture glyphs: a 2x2-pixel tile repeated over a square patch. Each tile has zero mean, and a 2x
-# downscale whose samples sit between pixel pairs (PIL's bicubic/area resize of an even-aligned patch)
-# weighs both pixels of every pair equally, so all four textures turn into the same flat interior there.
+# Texture glyphs: the 2x2 tile each texture repeats away from its edges (+1 / -1 times the amplitude).
 TEXTURE_TILES: dict[str, np.ndarray] = {
     "rows": np.array([[1, 1], [-1, -1]], np.float32),
     "columns": np.array([[1, -1], [1, -1]], np.float32),
@@ -90,6 +91,13 @@ TEXTURE_TILES: dict[str, np.ndarray] = {
     "nothing": np.zeros((2, 2), np.float32),
 }
 TEXTURES: tuple[str, ...] = tuple(TEXTURE_TILES)
+_ALTERNATES: dict[str, tuple[bool, bool]] = {  # which axes a texture alternates along: (y, x)
+    "rows": (True, False),
+    "columns": (False, True),
+    "checks": (True, True),
+    "nothing": (False, False),
+}
+NOISE_CLIP = 3.0  # the pixel noise is a normal truncated at this many std, so a texture's headroom is exact
 
 # Named frame colours (distinct hues, all visible after the 2x downscale).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -131,13 +139,12 @@ class WorldParams:
     glyph_scale: int = 2  # character styles: source px per font pixel (the glyph is 5x7 font pixels)
     texture_px: int = 24  # texture style: side of the square patch, source px (even)
     texture_fill: bool = True  # texture style: a frame's texture fills its whole interior (strays keep texture_px)
-    texture_ramp: int = 4  # texture style: the amplitude ramps up over this many px from the patch edge
     glyph_contrast: tuple[int, int] = (60, 100)  # pattern amplitude / solid ink darkening, drawn uniformly
     glyph_dc: float = 0.0  # checker only: also darken glyph pixels by this share of the amplitude (visible at base)
     distractor_frames: tuple[int, int] = (0, 2)  # grey frames with glyphs, min/max count
     stray_glyphs: tuple[int, int] = (4, 10)  # grey glyphs outside frames, min/max count
     clutter_shapes: tuple[int, int] = (8, 16)  # grey lines / rectangles / ellipses, min/max count
-    noise_std: float = 3.0  # per-pixel grey noise, std in 8-bit levels
+    noise_std: float = 3.0  # per-pixel grey noise, std in 8-bit levels (truncated at NOISE_CLIP std)
     colours: tuple[str, ...] = tuple(COLOURS)
 
     @property
@@ -240,10 +247,12 @@ def _place_boxes(
     return out
 
 
-def _draw_glyph(arr: np.ndarray, glyph: str, x: int, y: int, params: WorldParams, contrast: float) -> Box:
-    """Draw a glyph with its top-left at (x, y) onto ``arr`` (uint8 HWC); return its pixel box."""
+def _draw_glyph(
+    arr: np.ndarray, layer: np.ndarray, glyph: str, x: int, y: int, params: WorldParams, contrast: float
+) -> Box:
+    """Draw a glyph with its top-left at (x, y) onto ``arr`` (uint8 HWC; a texture goes to the float ``layer``)."""
     if params.glyph_style == "texture":
-        return _draw_texture(arr, glyph, x, y, params, contrast)
+        return _draw_texture(arr, layer, glyph, x, y, params, contrast)
     mask = GLYPH_MASKS[glyph]
     if params.glyph_scale != 1:
         mask = np.kron(mask, np.ones((params.glyph_scale, params.glyph_scale), dtype=bool))
@@ -263,22 +272,65 @@ def _draw_glyph(arr: np.ndarray, glyph: str, x: int, y: int, params: WorldParams
     return (x, y, x + w, y + h)
 
 
-def texture_envelope(height: int, width: int, ramp: int) -> np.ndarray:
-    """[height, width] amplitude envelope of a texture patch: 1 inside, a linear ramp over ``ramp`` px at the edges.
+def _bicubic_half_taps() -> np.ndarray:
+    """Weights of a 2x bicubic downscale (Keys a = -0.5, PIL's antialiased kernel) for one output pixel.
 
-    A hard-edged patch leaks its orientation through the downscale at its borders (the resampling kernel
-    sees an unpaired first row there); the ramp makes that leak a few grey levels at most.
+    The output pixel sits between source pixels 2i and 2i+1; the weights cover source pixels 2i-3 .. 2i+4.
     """
 
-    def edge(n: int) -> np.ndarray:
-        d = np.minimum(np.arange(n), np.arange(n)[::-1]).astype(np.float32)
-        return np.minimum(1.0, (d + 0.5) / max(ramp, 1))
+    def cubic(x: float, a: float = -0.5) -> float:
+        x = abs(x)
+        if x < 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a if x < 2 else 0.0
 
-    return np.minimum(edge(height)[:, None], edge(width)[None, :])
+    taps = np.array([cubic((j - 0.5) / 2) for j in range(-3, 5)])  # j: source offset from 2i
+    return taps / taps.sum()
+
+
+def texture_profile(pairs: int) -> np.ndarray:
+    """1-D texture profile over ``2 * pairs + 8`` px: +1 / -1 alternating in the middle, zero sum, and zero
+    at every output pixel of a 2x bicubic downscale that samples between pixel pairs (the first px is even).
+
+    Write the profile's even and odd pixels as sequences A_e, A_o and the downscale's even and odd taps as
+    filters e, o (o is e reversed): the output is the correlation e * A_e + o * A_o. With A_e = e convolved
+    with a box and A_o = -(o convolved with the box) both terms are the same product with opposite signs, so
+    the output vanishes identically, at the ends as in the middle. Away from its ends the profile is exactly
+    +1 (even px) / -1 (odd px); within 3 px of an end it rises from 0 and overshoots by at most 0.07.
+    """
+    if pairs < 1:
+        raise ValueError(f"a texture profile needs >= 1 pair, got {pairs}")
+    taps = _bicubic_half_taps()
+    even, odd = taps[1::2], taps[0::2]  # even source px 2i-2, 2i, 2i+2, 2i+4; odd 2i-3, 2i-1, 2i+1, 2i+3
+    box = np.ones(pairs)
+    a_even = np.convolve(even, box)  # pairs -1 .. pairs+1
+    a_odd = -np.convolve(odd, box)  # pairs -2 .. pairs
+    out = np.zeros(2 * (pairs + 4))
+    out[2 : 2 + 2 * a_even.size : 2] = a_even  # the profile starts at pair -2: pair -1's even px is index 2
+    out[1 : 1 + 2 * a_odd.size : 2] = a_odd
+    return 2.0 * out
+
+
+def texture_pattern(name: str, height: int, width: int) -> np.ndarray:
+    """[height, width] float pattern of texture ``name`` (even sides >= 10 px): the profile along each axis
+    it alternates on, a flat window over the profile's span along the other; its 2x downscale is zero."""
+    if height % 2 or width % 2 or min(height, width) < 10:
+        raise ValueError(f"a texture patch needs even sides >= 10 px, got {width}x{height}")
+    along_y, along_x = _ALTERNATES[name]
+    if not (along_y or along_x):
+        return np.zeros((height, width), np.float32)
+    ys, xs = texture_profile(height // 2 - 4), texture_profile(width // 2 - 4)
+    col = ys if along_y else (ys != 0).astype(np.float64)
+    row = xs if along_x else (xs != 0).astype(np.float64)
+    return (col[:, None] * row[None, :]).astype(np.float32)
+
+
+PATTERN_PEAK = float(np.abs(texture_profile(8)).max() ** 2)  # the largest |value| any pattern takes
 
 
 def _draw_texture(
     arr: np.ndarray,
+    layer: np.ndarray,
     name: str,
     x: int,
     y: int,
@@ -286,14 +338,18 @@ def _draw_texture(
     contrast: float,
     size: tuple[int, int] | None = None,
 ) -> Box:
-    """Draw texture ``name`` as a (w, h) = ``size`` patch (default ``texture_px`` square) at (x, y); return its box."""
+    """Add texture ``name`` as a (w, h) = ``size`` patch (default ``texture_px`` square) at (x, y) to the float
+    ``layer``; ``arr`` (uint8 HWC, what lies under it) sets the headroom. Returns the patch's box.
+
+    The amplitude is capped so that no pixel of the patch can leave [0, 255] even with the truncated noise
+    on top: a clipped pixel would break the pattern's exact cancellation in the base view.
+    """
     w, h = size or (params.texture_px, params.texture_px)
-    region = arr[y : y + h, x : x + w].astype(np.float32)
-    # amplitude capped so that neither sign clips: the pattern then averages to the background exactly
-    amp = min(contrast, float(region.min()), 255.0 - float(region.max()))
-    pattern = np.tile(TEXTURE_TILES[name], (h // 2, w // 2)) * texture_envelope(h, w, params.texture_ramp)
-    region = region + (amp * pattern)[..., None]
-    arr[y : y + h, x : x + w] = np.clip(np.round(region), 0, 255).astype(np.uint8)
+    region = arr[y : y + h, x : x + w]
+    margin = NOISE_CLIP * params.noise_std
+    headroom = min(float(region.min()) - margin, 255.0 - float(region.max()) - margin)
+    amp = max(0.0, min(contrast, headroom / PATTERN_PEAK))
+    layer[y : y + h, x : x + w] += amp * texture_pattern(name, h, w)
     return (x, y, x + w, y + h)
 
 
@@ -374,12 +430,13 @@ def generate_sample(params: WorldParams, seed: int, index: int) -> WorldSample:
             occupied[r0 : r0 + h, c0 : c0 + w] = True
     free = np.argwhere(~occupied)
     stray: list[tuple[str, Box]] = []
+    layer = np.zeros(arr.shape[:2], np.float32)  # textures and noise, added and rounded once at the end
     n_stray = min(len(free), int(rng.integers(params.stray_glyphs[0], params.stray_glyphs[1] + 1)))
     for k in rng.permutation(len(free))[:n_stray]:
         r, c = (int(v) for v in free[k])
         x, y = _glyph_in_cell(rng, params, r, c)
         g = params.glyphs[int(rng.integers(len(params.glyphs)))]
-        stray.append((g, _draw_glyph(arr, g, x, y, params, float(rng.uniform(*params.glyph_contrast)))))
+        stray.append((g, _draw_glyph(arr, layer, g, x, y, params, float(rng.uniform(*params.glyph_contrast)))))
 
     frames: list[Frame] = []
     img = Image.fromarray(arr)
@@ -412,13 +469,16 @@ def generate_sample(params: WorldParams, seed: int, index: int) -> WorldSample:
             bx0, by0, bx1, by1 = frames[k].box
             inset = params.border_px + 2 + (params.border_px % 2)  # even, so the 2x2 tiles stay aligned
             size = ((bx1 - bx0 - 2 * inset) // 2 * 2, (by1 - by0 - 2 * inset) // 2 * 2)
-            frames[k].glyph_box = _draw_texture(arr, frames[k].glyph, bx0 + inset, by0 + inset, params, contrast, size)
+            frames[k].glyph_box = _draw_texture(
+                arr, layer, frames[k].glyph, bx0 + inset, by0 + inset, params, contrast, size
+            )
         else:
-            frames[k].glyph_box = _draw_glyph(arr, frames[k].glyph, x, y, params, contrast)
+            frames[k].glyph_box = _draw_glyph(arr, layer, frames[k].glyph, x, y, params, contrast)
 
     if params.noise_std > 0:
-        noise = rng.standard_normal(size=arr.shape[:2], dtype=np.float32)[..., None] * np.float32(params.noise_std)
-        arr = np.clip(arr + noise, 0, 255).astype(np.uint8)
+        noise = np.clip(rng.standard_normal(size=arr.shape[:2], dtype=np.float32), -NOISE_CLIP, NOISE_CLIP)
+        layer += noise * np.float32(params.noise_std)
+    arr = np.clip(np.round(arr + layer[..., None]), 0, 255).astype(np.uint8)
 
     target = frames[int(rng.integers(n_named))]
     assert target.colour is not None
