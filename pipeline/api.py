@@ -1,9 +1,13 @@
 """A small Python API for one-off use: answer a question about an image with a trained RPN.
 
     from pipeline.api import SDRPN
-    sd = SDRPN.from_pretrained("models/sdrpn-toy-llava", "artifacts/rpn")
+    sd = SDRPN.from_pretrained("models/sdrpn-toy-llava", "artifacts/release/rpn")
     ans = sd.answer("photo.png", "what is in the red box ?")
     ans.text, ans.crop_boxes, ans.prob_map
+
+A release checkpoint (``sdrpn release``) records the settings the evaluate stage ran it with (RoI threshold,
+smoothing, filters, upscaling mode, crop size, answer length); they are the defaults here, so the API answers
+as evaluate did. Explicit arguments override them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.inference.evaluate import rpn_maps
+from pipeline.inference.params import InferenceSettings
 from pipeline.inference.roi import RoIParams
 from pipeline.inference.two_stage import two_stage_batch
 from pipeline.io.images import load_image
@@ -36,10 +41,11 @@ class Answer:
 class SDRPN:
     """A base model with its RPN; :meth:`answer` runs stage 1 (RoI map) and stage 2 (answer with crops)."""
 
-    def __init__(self, rpn: RPN, roi: RoIParams | None = None):
+    def __init__(self, rpn: RPN, roi: RoIParams | None = None, settings: InferenceSettings | None = None):
         self.rpn = rpn.eval()
         self.adapter = rpn.adapter
-        self.roi = roi or RoIParams()
+        self.settings = settings or InferenceSettings()
+        self.roi = roi or self.settings.roi
 
     @classmethod
     def from_pretrained(
@@ -51,22 +57,30 @@ class SDRPN:
         roi: RoIParams | None = None,
         **adapter_kwargs,
     ) -> SDRPN:
-        """Load a local checkpoint directory and an RPN checkpoint made for it (refused otherwise)."""
+        """Load a local checkpoint directory and an RPN checkpoint made for it (refused otherwise).
+
+        The RoI settings, crop size and answer length default to those the checkpoint records (a release);
+        ``roi`` and ``crop_size=`` override them. A checkpoint that records none gets the library defaults.
+        """
+        settings = InferenceSettings.of_checkpoint(rpn_dir) or InferenceSettings()
+        if settings.crop_size is not None:
+            adapter_kwargs.setdefault("crop_size", settings.crop_size)
         adapter = load_adapter(model_dir, device, dtype, **adapter_kwargs)
-        return cls(RPN.load(adapter, rpn_dir), roi)
+        return cls(RPN.load(adapter, rpn_dir), roi, settings)
 
     def answer_batch(
-        self, images: list[Image.Image | str], questions: list[str], max_new_tokens: int = 64
+        self, images: list[Image.Image | str], questions: list[str], max_new_tokens: int | None = None
     ) -> list[Answer]:
         """Answer several questions (batched); images may be PIL images, paths or fsspec URLs."""
         pil = [load_image(im) if isinstance(im, str | Path) else im.convert("RGB") for im in images]
-        stage1 = rpn_maps(self.rpn, reuse_prefix=True)(pil, questions)
-        rows, rois = two_stage_batch(self.adapter, pil, questions, stage1, self.roi, max_new_tokens)
+        new = max_new_tokens or self.settings.max_new_tokens
+        stage1 = rpn_maps(self.rpn, reuse_prefix=self.settings.reuse_prefix)(pil, questions)
+        rows, rois = two_stage_batch(self.adapter, pil, questions, stage1, self.roi, new)
         return [
             Answer(r["response"], r["crop_boxes"], r["grid_boxes"], m, roi.mask)
             for r, m, roi in zip(rows, stage1.maps, rois, strict=True)
         ]
 
-    def answer(self, image: Image.Image | str, question: str, max_new_tokens: int = 64) -> Answer:
+    def answer(self, image: Image.Image | str, question: str, max_new_tokens: int | None = None) -> Answer:
         """Answer one question about one image."""
         return self.answer_batch([image], [question], max_new_tokens)[0]

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "label-report": "stages.label_report:label_report",
     "train": "stages.train:train",
     "evaluate": "stages.evaluate:evaluate",
+    "release": "stages.release:release",
     "inspect": "stages.inspect:inspect",
     "report": "stages.report:report",
     "import-authors-labels": "stages.import_authors_labels:import_authors_labels",

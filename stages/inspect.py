@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.config import ModelParams
 from pipeline.inference.evaluate import rpn_maps
-from pipeline.inference.roi import RoIParams
+from pipeline.inference.params import InferenceSettings
 from pipeline.inference.two_stage import two_stage_batch
 from pipeline.io.attention_store import open_attention_store
 from pipeline.io.contracts import read_parquet
@@ -19,7 +19,8 @@ from pipeline.student.rpn import RPN
 from pipeline.teacher.decode import decode_batch
 from pipeline.teacher.labels import label_block
 from stages.common import params_option
-from stages.evaluate import eval_params, stage2_adapter
+from stages.evaluate import stage2_adapter
+from stages.evaluate_params import eval_params
 from stages.label import label_params
 from stages.params import section
 
@@ -78,8 +79,12 @@ def inspect(
     evaluate = eval_params(params_path)
     adapter = stage2_adapter(section(params_path, "model", ModelParams), evaluate)
     rpn = RPN.load(adapter, rpn_dir).eval() if rpn_dir.exists() else None
+    # a release records the settings evaluate ran it with; train's checkpoint takes them from params.yaml
+    settings = (InferenceSettings.of_checkpoint(rpn_dir) if rpn is not None else None) or InferenceSettings.from_eval(
+        evaluate
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    max_new = evaluate.max_new_tokens
+    max_new = settings.max_new_tokens
     for sid in sample_ids:
         r = rows[sid]
         image = load_image(r["image"], sid)
@@ -88,10 +93,9 @@ def inspect(
         view.answers["baseline"] = decode_batch(adapter, [image], [r["question"]], max_new)[0]["response"]
         if rpn is not None:
             maps = rpn_maps(rpn)([image], [r["question"]]).maps
-            roi = RoIParams(**{**evaluate.roi, "mode": "masked"})
-            rows2, _ = two_stage_batch(adapter, [image], [r["question"]], maps, roi, max_new)
+            rows2, _ = two_stage_batch(adapter, [image], [r["question"]], maps, settings.roi, max_new)
             view.rpn_map, view.crop_boxes = maps[0], rows2[0]["crop_boxes"]
-            view.answers["SD-RPN (masked)"] = rows2[0]["response"]
+            view.answers[f"SD-RPN ({settings.roi.mode})"] = rows2[0]["response"]
         for key, value in (_teacher_maps(store_path, sid, params_path) or {}).items():
             setattr(view, key, value)
         ip = adapter.processor.image_processor

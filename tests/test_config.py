@@ -15,7 +15,7 @@ from pipeline.io.manifest import PrepareParams
 from pipeline.student.params import TrainParams
 from pipeline.teacher.params import DecodeParams, DumpParams
 from pipeline.world.generator import WorldParams, WorldSection
-from stages.evaluate import eval_params
+from stages.evaluate_params import eval_params
 from stages.label import label_params
 from stages.params import section
 

@@ -32,10 +32,11 @@ STAGES = {
     "train_nosink",
     "train_noassign",
     "evaluate",
+    "release",
 }
 # every chain that must run in this order
 CHAINS = [
-    ["world", "prepare", "decode", "dump", "label", "train", "evaluate"],
+    ["world", "prepare", "decode", "dump", "label", "train", "evaluate", "release"],
     ["world_eval", "prepare_eval", "evaluate"],
     ["dump", "label_report"],
 ]
@@ -121,6 +122,7 @@ def test_label_threshold_change_reruns_label_and_what_follows(project):
         "train_nosink",
         "train_noassign",
         "evaluate",
+        "release",
     }
     assert ran.index("label") < ran.index("train") < ran.index("evaluate")
     after = pl.read_parquet(project / "artifacts/labels.parquet")
@@ -134,7 +136,7 @@ def test_label_code_change_reruns_only_label(project):
     # labels.parquet comes out byte-identical, so train (which depends on the artifact, not the code) stays put;
     # evaluate reruns because its raw-attention ablation builds its map with the labels' own aggregation
     ran = sorted(_ran(_dvc(project, "repro")))
-    assert ran == ["evaluate", "label", "label_noassign", "label_nosink", "label_report"]
+    assert ran == ["evaluate", "label", "label_noassign", "label_nosink", "label_report", "release"]
 
 
 def test_inspect_draws_every_panel_it_has_data_for(project):
@@ -153,3 +155,42 @@ def test_inspect_draws_every_panel_it_has_data_for(project):
     assert Image.open(project / f"artifacts/inspect/{eval_id}.png").width == 2 * PANEL
     res = subprocess.run(["sdrpn", "inspect", "nope"], cwd=project, env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "samples ['nope'] are in none of" in res.stderr
+
+
+def _readme_api_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README lost its API example block"
+    return match.group(1)
+
+
+def test_release_answers_as_evaluate_did(project, monkeypatch):
+    """The README's API snippet on the release reproduces evaluate's masked predictions (text and crops)."""
+    from pipeline.api import SDRPN
+    from pipeline.inference.params import InferenceSettings
+
+    _dvc(project, "repro")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    settings = InferenceSettings.of_checkpoint(project / "artifacts/release/rpn")
+    assert settings is not None and settings.max_new_tokens == params["evaluate"]["max_new_tokens"]
+    assert settings.roi.tau == params["evaluate"]["roi"]["tau"] != 0.15 and settings.roi.mode == "masked"
+    assert InferenceSettings.of_checkpoint(project / "artifacts/rpn") is None
+    evaluated = pl.read_parquet(project / "artifacts/eval/predictions.parquet").filter(
+        pl.col("method") == "sdrpn_masked"
+    )
+    manifest = pl.read_parquet(project / "artifacts/eval/manifest.parquet")
+    monkeypatch.chdir(project)
+    scope: dict = {}
+    exec(compile(_readme_api_block().replace("models/sdrpn-toy-llava", "models/tiny"), "README.md", "exec"), scope)
+    first = evaluated.filter(pl.col("sample_id") == manifest["sample_id"][0]).row(0, named=True)
+    assert (scope["ans"].text, scope["ans"].crop_boxes) == (first["response"], first["crop_boxes"])
+    # every evaluation sample, batched as evaluate batches them
+    sd = scope["sd"]
+    answers = sd.answer_batch(manifest["image"].to_list(), manifest["question"].to_list())
+    got = [(a.text, a.crop_boxes) for a in answers]
+    by_id = {r["sample_id"]: (r["response"], r["crop_boxes"]) for r in evaluated.iter_rows(named=True)}
+    assert got == [by_id[s] for s in manifest["sample_id"]]
+    assert sd.roi == settings.roi
+    # the plain train checkpoint records nothing: the library defaults apply
+    plain = SDRPN.from_pretrained("models/tiny", "artifacts/rpn", device="cpu", dtype="float32")
+    assert plain.roi.tau == 0.15

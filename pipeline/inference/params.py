@@ -1,11 +1,13 @@
-"""Parameters of two-stage evaluation (params.yaml ``evaluate``); no torch needed to read them."""
+"""Parameters of two-stage evaluation (params.yaml ``evaluate``) and the settings a released RPN carries; no torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from pipeline.inference.roi import RoIParams, UpscaleMode
+from pipeline.student.checkpoint import CONFIG_NAME, read_config
 
 
 @dataclass
@@ -41,3 +43,37 @@ class EvalParams:
             raise ValueError(f"raw_attention_tau must lie in [0, 1], got {self.raw_attention_tau}")
         if self.crop_size is not None and self.crop_size < 1:
             raise ValueError(f"crop_size must be a positive side in pixels, got {self.crop_size}")
+
+
+@dataclass
+class InferenceSettings:
+    """How two-stage inference runs a trained RPN: what a release checkpoint records (``inference`` in its
+    ``rpn_config.json``) so the API and inspect answer as the evaluate stage did."""
+
+    roi: RoIParams = field(default_factory=RoIParams)  # post-processing and the upscaling mode
+    max_new_tokens: int = 64
+    crop_size: int | None = None  # LLaVA: the side crops are re-encoded at (None: the base view)
+    reuse_prefix: bool = True
+
+    @classmethod
+    def from_eval(cls, params: EvalParams) -> InferenceSettings:
+        """The settings of evaluate's main method: its RoI overrides and its first upscaling mode."""
+        roi = RoIParams(**{**params.roi, "mode": params.modes[0]})
+        return cls(roi, params.max_new_tokens, params.crop_size, params.reuse_prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str) -> InferenceSettings:
+        """Parse a recorded ``inference`` block; an unknown or malformed key is an error naming ``where``."""
+        try:
+            return cls(**{**values, "roi": RoIParams(**values.get("roi", {}))})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: inference settings: {exc}") from None
+
+    @classmethod
+    def of_checkpoint(cls, rpn_dir: str | os.PathLike) -> InferenceSettings | None:
+        """The settings a release checkpoint records; None for a checkpoint that records none (``train``'s)."""
+        recorded = read_config(rpn_dir).get("inference")
+        return None if recorded is None else cls.from_dict(recorded, f"{rpn_dir}/{CONFIG_NAME}")

@@ -32,21 +32,21 @@ from torch import nn
 from pipeline.inference.prefix_cache import PrefixState, prefix_state
 from pipeline.models.attention_math import attention_scores
 from pipeline.models.base import Batch, ModelAdapter
+from pipeline.student.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointMismatch,
+    read_config,
+)
 
 GRID_CONVENTION = "row-major visual tokens of the first image"
-WEIGHTS_NAME = "rpn.safetensors"
-CONFIG_NAME = "rpn_config.json"
-CHECKPOINT_FORMAT = "sdrpn-rpn"
-CHECKPOINT_VERSION = 1
 # Parameters of the last RPN layer that the head reads; the rest of that layer (v/o, MLP) is carried for
 # fidelity with the reference checkpoint layout but nothing reaches it.
 HEAD_PARAMS = ("input_layernorm.", "self_attn.q_proj.", "self_attn.k_proj.")
 # Config keys that change with how a model was loaded (path, dtype, ...) rather than what it is.
 _VOLATILE_CONFIG_KEYS = {"architectures", "dtype", "torch_dtype", "transformers_version", "use_cache"}
-
-
-class CheckpointMismatch(ValueError):
-    """An RPN checkpoint was made for another base model (or is not an RPN checkpoint)."""
 
 
 class _StopForward(Exception):
@@ -298,20 +298,6 @@ class RPN(nn.Module):
         state = load_file(str(Path(path) / WEIGHTS_NAME))
         rpn.load_state_dict(state, strict=True)
         return rpn.to(adapter.device)
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``rpn_config.json`` of a checkpoint directory, checked to be one."""
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise CheckpointMismatch(f"{path}: no {CONFIG_NAME}; not an RPN checkpoint")
-    cfg = json.loads(file.read_text())
-    if cfg.get("format") != CHECKPOINT_FORMAT or int(cfg.get("version", -1)) != CHECKPOINT_VERSION:
-        raise CheckpointMismatch(
-            f"{file}: format {cfg.get('format')!r} v{cfg.get('version')}, this code reads "
-            f"{CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}"
-        )
-    return cfg
 
 
 def masked_bce(
