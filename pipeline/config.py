@@ -72,7 +72,7 @@ def parse_section(cls: type[T], values: dict[str, Any] | None, section: str, *, 
         if missing:
             raise ParamsError(
                 f"{section}: missing key(s) {missing}; params.yaml lists every value the pipeline runs with "
-                f"(library defaults: {({k: _default(cls, k) for k in missing})})"
+                f"(library defaults: { ({k: _default(cls, k) for k in missing}) })"
             )
     try:
         return _adapter(cls).validate_python(values)
