@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import click
@@ -23,6 +25,22 @@ from stages.evaluate import stage2_adapter
 from stages.evaluate_params import eval_params
 from stages.label import label_params
 from stages.params import section
+
+_UNSAFE = re.compile(r"(?:[^A-Za-z0-9._-]|\.{2,})+")  # runs of unsafe characters and of dots ('..')
+MAX_NAME = 120  # characters of the id kept in a file name (file systems allow 255 bytes)
+
+
+def output_name(sample_id: str) -> str:
+    """A file name for ``sample_id`` inside the output folder: the id itself when it is safe, else readable and unique.
+
+    Ids are data and may hold '/', '..' or anything else: each run of characters outside ``[A-Za-z0-9._-]``
+    or of dots becomes one '_', leading '.' and '_' are dropped (no hidden files), and an id changed or
+    shortened so gets 8 hex digits of its hash, so two ids never share a file.
+    """
+    safe = _UNSAFE.sub("_", sample_id).lstrip("._")[:MAX_NAME]
+    if safe != sample_id or not safe:
+        safe = f"{safe or 'sample'}-{hashlib.sha256(sample_id.encode()).hexdigest()[:8]}"
+    return f"{safe}.png"
 
 
 def _teacher_maps(store_path: Path, sample_id: str, params_path: Path) -> dict | None:
@@ -68,7 +86,11 @@ def inspect(
     rpn_dir: Path,
     params_path: Path,
 ) -> None:
-    """Write OUT_DIR/SAMPLE_ID.png for each sample: image + GT box + crops, raw attention, sinks, labels, RPN map."""
+    """Write OUT_DIR/SAMPLE_ID.png for each sample: image + GT box + crops, raw attention, sinks, labels, RPN map.
+
+    An id with characters unsafe in a file name ('/', '..', spaces, ...) is written under a sanitised name with
+    a short hash (see :func:`output_name`); the name is printed.
+    """
     rows = {}
     for m in manifests:
         if m.exists():
@@ -105,5 +127,6 @@ def inspect(
         else:  # patch-flattened (Qwen2.5-VL): the image it patches, padded as the view pads
             base = adapter.view_image(image)
         picture = render(view, base)
-        picture.save(out_dir / f"{sid}.png")
-        click.echo(f"inspect: {out_dir / f'{sid}.png'}")
+        target = out_dir / output_name(sid)
+        picture.save(target)
+        click.echo(f"inspect: {sid} -> {target}")

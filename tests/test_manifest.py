@@ -63,14 +63,14 @@ def test_missing_and_unreadable_images_are_reported(records_jsonl):
     manifest, skips = build_manifest(records_from_table(records_jsonl))
     assert manifest.column("sample_id").to_pylist() == ["s0", "s1", "s3", "s5"]
     reasons = dict(zip(skips.column("sample_id").to_pylist(), skips.column("reason").to_pylist(), strict=True))
-    assert reasons["s2"] == "image not found"
-    assert reasons["s4"].startswith("unreadable image")
+    assert reasons["s2"] == "line 3: image not found"
+    assert reasons["s4"] == "line 5: unreadable image: UnidentifiedImageError: cannot identify image file"
 
 
 def test_prepare_stage_writes_contracted_artifacts(records_jsonl, tmp_path):
     params = tmp_path / "params.yaml"
     section = {"format": "records", "input": str(records_jsonl), "image_root": None, "sources": None, "n": None}
-    params.write_text(yaml.safe_dump({"prepare": {**section, "seed": 42}}))
+    params.write_text(yaml.safe_dump({"prepare": {**section, "seed": 42, "allow_outside_root": False}}))
     out, skips = tmp_path / "m.parquet", tmp_path / "s.parquet"
     res = CliRunner().invoke(main, ["prepare", str(out), str(skips), "--params", str(params)])
     assert res.exit_code == 0, res.output
