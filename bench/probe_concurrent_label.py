@@ -140,7 +140,7 @@ def main() -> int:
     print(f"pairs: {args.pairs} ({time.monotonic() - started:.0f} s, store {args.samples} samples, {work})")
     print(
         f"outcomes: one ran and the other was refused by the lock: {counts['one_refused']}; "
-        f"both ran (one after the other): {counts['both_serial']}; other: {counts['other']}"
+        f"both exited 0: {counts['both_serial']} (with the lock, only one after the other); other: {counts['other']}"
     )
     print(f"corrupt outputs: {corrupt}")
     print(f"exit codes that lied: {lied}")

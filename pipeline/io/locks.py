@@ -107,12 +107,6 @@ def output_lock(*paths: str | os.PathLike, kind: str = "output") -> Iterator[Non
             _release(lock)
 
 
-def holds_lock(path: str | os.PathLike) -> bool:
-    """Whether this process holds the lock of ``path``."""
-    with _GUARD:
-        return lock_file(path) in _HELD
-
-
 def _temp_pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")
 
@@ -135,7 +129,8 @@ def _remove_stale_temps(path: Path) -> None:
 
 @cache
 def _umask() -> int:
-    # os.umask can only be read by setting it; done once, before any writer runs in threads
+    # temps get the mode a plain open() would give (mkstemp's 0600 would leak into the artifact); os.umask can
+    # only be read by setting it, process-wide, so it is read once
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -38,9 +38,13 @@ class PartStore:
         self.dir = Path(work_dir) / f"{name}-{key}"
         self._lock = output_lock(self.dir, kind="work dir")
         self._lock.__enter__()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".part-*.tmp"):  # left by a killed writer; ours alone while we hold the lock
-            stale.unlink(missing_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".part-*.tmp"):  # left by a killed writer; ours alone while we hold the lock
+                stale.unlink(missing_ok=True)
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> PartStore:
         return self
