@@ -1,13 +1,22 @@
-"""What every stage entry point shares: its CLI options and naming the inputs an artifact was made from."""
+"""What every stage entry point shares: its CLI options, its output locks and naming the inputs of an artifact."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from pipeline.io.contracts import fingerprint
+from pipeline.io.locks import OutputLocked, atomic_path, output_lock
+
+F = TypeVar("F", bound=Callable[..., object])
 
 params_option = click.option(
     "--params",
@@ -39,3 +48,46 @@ def model_fingerprint(model_dir: str | Path) -> str:
     for f in sorted(d.glob("*.safetensors*")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()
+
+
+@contextmanager
+def writing(*outputs: str | os.PathLike | None, work_dirs: tuple[str | os.PathLike, ...] = ()) -> Iterator[None]:
+    """Hold the lock of every output (``None`` skipped) and work dir for the stage's whole run.
+
+    A second ``sdrpn`` run writing one of them, or a work dir (PartStore) in use, stops at once with a one-line
+    error naming it (exit code 1) instead of interleaving with this one.
+    """
+    try:
+        with output_lock(*(p for p in outputs if p is not None)), output_lock(*work_dirs, kind="work dir"):
+            yield
+    except OutputLocked as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def writes(*param_names: str) -> Callable[[F], F]:
+    """Decorate a stage's function (under its click decorators) to hold :func:`writing` on these parameters.
+
+    ``@writes("labels_out")`` locks the path given as ``labels_out`` before the stage reads anything and until
+    it returns, so its whole run is one writer's. A decorator rather than a ``with`` block in each body, so the
+    stage bodies stay as they were.
+    """
+
+    def decorate(fn: F) -> F:
+        unknown = set(param_names) - set(inspect.signature(fn).parameters)
+        if unknown:
+            raise TypeError(f"{fn.__name__} has no parameter(s) {sorted(unknown)} to lock")
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with writing(*(kwargs.get(name) for name in param_names)):
+                return fn(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small output (metrics JSON) through a unique temp name, so readers never see half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -12,7 +12,7 @@ from pipeline.io.resumable import PartStore, job_key
 from pipeline.models import load_adapter
 from pipeline.teacher.decode import decode_manifest
 from pipeline.teacher.params import DecodeParams
-from stages.common import fingerprints, model_fingerprint, params_option, progress_option
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option, writes
 from stages.params import section
 
 
@@ -28,6 +28,7 @@ from stages.params import section
     show_default=True,
     help="where unfinished batches are kept so a rerun resumes",
 )
+@writes("responses_out")
 def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress: bool, work_dir: Path) -> None:
     """Write RESPONSES_OUT: the model's greedy answer to each question in MANIFEST_PATH."""
     model = section(params_path, "model", ModelParams)
@@ -35,12 +36,13 @@ def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress
     manifest = read_parquet(manifest_path, "manifest")
     inputs = fingerprints(manifest_path)
     inputs[model.path] = model_fingerprint(model.path)
-    parts = PartStore(work_dir, "decode", job_key(inputs=inputs, params=vars(params)))
-    if parts.n_done():
-        click.echo(f"decode: resuming, {parts.n_done()} finished batches found in {parts.dir}")
-    adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
-    table = decode_manifest(adapter, manifest, params, parts, progress=progress)
-    params_used = {"model": model.to_dict(), "decode": vars(params)}
-    write_parquet(table, responses_out, "responses", params=params_used, inputs=inputs)
-    parts.cleanup()
+    # the parts' directory is locked while open: a second decode of the same job stops before the model loads
+    with PartStore(work_dir, "decode", job_key(inputs=inputs, params=vars(params))) as parts:
+        if parts.n_done():
+            click.echo(f"decode: resuming, {parts.n_done()} finished batches found in {parts.dir}")
+        adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
+        table = decode_manifest(adapter, manifest, params, parts, progress=progress)
+        params_used = {"model": model.to_dict(), "decode": vars(params)}
+        write_parquet(table, responses_out, "responses", params=params_used, inputs=inputs)
+        parts.cleanup()
     click.echo(f"decode: {table.num_rows} responses -> {responses_out}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,11 +10,12 @@ import click
 from pipeline.config import ModelParams
 from pipeline.io.attention_store import AttentionStoreWriter
 from pipeline.io.contracts import read_parquet
+from pipeline.io.locks import output_lock, publish_dir
 from pipeline.io.resumable import job_key
 from pipeline.models import load_adapter
 from pipeline.teacher.dump import dump_attention, max_visual_tokens, padding_masks
 from pipeline.teacher.params import DumpParams
-from stages.common import fingerprints, model_fingerprint, params_option, progress_option
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option, writes
 from stages.params import section
 
 
@@ -32,6 +32,7 @@ from stages.params import section
     show_default=True,
     help="where an unfinished store is kept so a rerun resumes",
 )
+@writes("store_out")
 def dump(
     manifest_path: Path, responses_path: Path, store_out: Path, params_path: Path, progress: bool, work_dir: Path
 ) -> None:
@@ -42,31 +43,31 @@ def dump(
     responses = read_parquet(responses_path, "responses")
     inputs = fingerprints(manifest_path, responses_path)
     inputs[model.path] = model_fingerprint(model.path)
-    adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
     work = Path(work_dir) / f"dump-{job_key(inputs=inputs, params=asdict(params))}.zarr"
-    if work.exists():
-        writer = AttentionStoreWriter.open_existing(work)
-        done = writer.n_samples - sum(hi - lo for lo, hi in writer.pending_ranges())
-        click.echo(f"dump: resuming {work}, {done} samples already written")
-    else:
-        writer = AttentionStoreWriter.create(
-            work,
-            n_samples=manifest.num_rows,
-            layers=params.layers,
-            max_visual=max_visual_tokens(adapter, manifest),
-            heads=list(range(adapter.attention_geometry[0])) if params.per_head else None,
-            attrs={
-                "model_id": adapter.model_id,
-                "include_eos": params.include_eos,
-                "params": {"model": model.to_dict(), "dump": asdict(params)},
-                "inputs": inputs,
-            },
-            chunk_samples=params.chunk_samples,
-            known_bg=bool(padding_masks(adapter, manifest)),  # the view has padding: store which tokens
-        )
-    dump_attention(adapter, manifest, responses, params, writer, progress=progress)
-    if store_out.exists():
-        shutil.rmtree(store_out)
-    store_out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(work), store_out)
-    click.echo(f"dump: {manifest.num_rows} samples, layers {params.layers} -> {store_out}")
+    # another dump of the same job (same inputs and params, any STORE_OUT) writes into the same store: one at a
+    # time, checked before the model loads
+    with output_lock(work, kind="work dir"):
+        adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
+        if work.exists():
+            writer = AttentionStoreWriter.open_existing(work)
+            done = writer.n_samples - sum(hi - lo for lo, hi in writer.pending_ranges())
+            click.echo(f"dump: resuming {work}, {done} samples already written")
+        else:
+            writer = AttentionStoreWriter.create(
+                work,
+                n_samples=manifest.num_rows,
+                layers=params.layers,
+                max_visual=max_visual_tokens(adapter, manifest),
+                heads=list(range(adapter.attention_geometry[0])) if params.per_head else None,
+                attrs={
+                    "model_id": adapter.model_id,
+                    "include_eos": params.include_eos,
+                    "params": {"model": model.to_dict(), "dump": asdict(params)},
+                    "inputs": inputs,
+                },
+                chunk_samples=params.chunk_samples,
+                known_bg=bool(padding_masks(adapter, manifest)),  # the view has padding: store which tokens
+            )
+        dump_attention(adapter, manifest, responses, params, writer, progress=progress)
+        publish_dir(work, store_out)  # the old store stays whole until the finished one replaces it
+        click.echo(f"dump: {manifest.num_rows} samples, layers {params.layers} -> {store_out}")

@@ -13,9 +13,10 @@ from pipeline.config import ModelParams
 from pipeline.inference.evaluate import evaluate_manifest
 from pipeline.inference.params import EvalParams
 from pipeline.io.contracts import read_parquet, write_parquet
+from pipeline.io.locks import atomic_path
 from pipeline.models import ModelAdapter, load_adapter
 from pipeline.student.rpn import RPN
-from stages.common import fingerprints, model_fingerprint, params_option, progress_option
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option, write_text, writes
 from stages.evaluate_params import eval_params
 from stages.params import section
 
@@ -42,6 +43,7 @@ def _named_dir(value: str) -> tuple[str, Path]:
 @click.option("--ablation", "ablations", multiple=True, help="NAME=DIR: another RPN checkpoint to evaluate")
 @params_option
 @progress_option
+@writes("predictions_out", "metrics_out", "plots_out")
 def evaluate(
     manifest_path: Path,
     rpn_dir: Path,
@@ -67,7 +69,8 @@ def evaluate(
     write_parquet(table, predictions_out, "predictions", params=params_used, inputs=inputs)
     for out in (metrics_out, plots_out):
         out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(metrics_out, json.dumps(metrics, indent=2) + "\n")
     rows = [{"method": m, **{k: v for k, v in d.items() if k != "n"}} for m, d in metrics.items()]
-    pl.DataFrame(rows).write_csv(plots_out)
+    with atomic_path(plots_out) as tmp:
+        pl.DataFrame(rows).write_csv(tmp)
     click.echo(json.dumps(metrics, indent=2))

@@ -12,7 +12,7 @@ import click
 
 from pipeline.io.attention_store import MIN_CHUNK_SAMPLES
 from pipeline.io.authors_import import AuthorsImportError, UnsafePickleError, import_authors_file, write_problems_jsonl
-from stages.common import fingerprints
+from stages.common import fingerprints, writes
 
 
 def _grid(value: str | None) -> tuple[int, int] | None:
@@ -43,6 +43,7 @@ def _grid(value: str | None) -> tuple[int, int] | None:
     help="also write the imported samples as records JSONL for `prepare` (sample ids = the store's)",
 )
 @click.option("--chunk-samples", default=MIN_CHUNK_SAMPLES, show_default=True, help="zarr chunk along samples")
+@writes("store_out", "skips_out", "records_out")
 def import_authors_labels(
     file: Path,
     store_out: Path,

@@ -9,7 +9,7 @@ import click
 from pipeline.teacher.label_presets import check_dump_covers, resolve_label_params
 from pipeline.teacher.labels import label_store
 from pipeline.teacher.params import DumpParams
-from stages.common import fingerprints, params_option, progress_option, set_option
+from stages.common import fingerprints, params_option, progress_option, set_option, writes
 from stages.params import apply_overrides, checked, raw_section, section
 
 
@@ -19,6 +19,7 @@ from stages.params import apply_overrides, checked, raw_section, section
 @params_option
 @progress_option
 @set_option
+@writes("labels_out")
 def label(store_path: Path, labels_out: Path, params_path: Path, progress: bool, overrides: tuple[str, ...]) -> None:
     """Write LABELS_OUT from the attention store STORE_PATH."""
     params = label_params(params_path, overrides)

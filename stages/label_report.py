@@ -11,10 +11,11 @@ import polars as pl
 from pipeline.config import ModelParams
 from pipeline.io.attention_store import open_attention_store
 from pipeline.io.contracts import read_parquet
+from pipeline.io.locks import atomic_path
 from pipeline.models import load_adapter
 from pipeline.models.geometry import gt_token_masks
 from pipeline.teacher.label_report import label_quality
-from stages.common import params_option
+from stages.common import params_option, write_text, writes
 from stages.label import label_params
 from stages.params import section
 
@@ -25,6 +26,7 @@ from stages.params import section
 @click.argument("metrics_out", type=click.Path(path_type=Path))
 @click.argument("fig3_out", type=click.Path(path_type=Path))
 @params_option
+@writes("metrics_out", "fig3_out")
 def label_report(manifest_path: Path, store_path: Path, metrics_out: Path, fig3_out: Path, params_path: Path) -> None:
     """Write METRICS_OUT (JSON, DVC metrics) and FIG3_OUT (TSV, DVC plot) for samples with a GT box."""
     params = label_params(params_path)
@@ -45,6 +47,7 @@ def label_report(manifest_path: Path, store_path: Path, metrics_out: Path, fig3_
     metrics, hist = label_quality(store, params, masks, has_gt)
     for out in (metrics_out, fig3_out):
         out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_out.write_text(json.dumps(metrics, indent=2) + "\n")
-    pl.DataFrame(hist).write_csv(fig3_out, separator="\t")
+    write_text(metrics_out, json.dumps(metrics, indent=2) + "\n")
+    with atomic_path(fig3_out) as tmp:
+        pl.DataFrame(hist).write_csv(tmp, separator="\t")
     click.echo(json.dumps(metrics, indent=2))

@@ -9,7 +9,7 @@ import click
 
 from pipeline.io.contracts import write_parquet
 from pipeline.io.manifest import InputError, PrepareParams, build_manifest, records_from_params
-from stages.common import fingerprints, params_option
+from stages.common import fingerprints, params_option, writes
 from stages.params import section
 
 SHOWN_SKIPS = 10  # skips echoed on the console; the skips artifact lists them all
@@ -20,6 +20,7 @@ SHOWN_SKIPS = 10  # skips echoed on the console; the skips artifact lists them a
 @click.argument("skips_out", type=click.Path(path_type=Path))
 @params_option
 @click.option("--section", "section_name", default="prepare", show_default=True, help="params.yaml section to read")
+@writes("manifest_out", "skips_out")
 def prepare(manifest_out: Path, skips_out: Path, params_path: Path, section_name: str) -> None:
     """Write MANIFEST_OUT (samples with readable images) and SKIPS_OUT (samples skipped, with reasons)."""
     p = section(params_path, section_name, PrepareParams)

@@ -13,7 +13,7 @@ import click
 
 from pipeline.inference.params import InferenceSettings
 from pipeline.student.checkpoint import write_release
-from stages.common import params_option
+from stages.common import params_option, writes
 from stages.evaluate_params import eval_params
 
 # evaluate's methods that describe the released RPN itself (plus the baseline it is measured against)
@@ -30,6 +30,7 @@ RELEASED_METHODS = ("baseline", "sdrpn_masked", "sdrpn_box")
     help="evaluate's metrics JSON: its baseline and sdrpn_* figures go into the release's config",
 )
 @params_option
+@writes("out_dir")
 def release(rpn_dir: Path, out_dir: Path, metrics_path: Path | None, params_path: Path) -> None:
     """Copy RPN_DIR to OUT_DIR with evaluate's two-stage settings recorded in its rpn_config.json."""
     settings = InferenceSettings.from_eval(eval_params(params_path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -16,11 +17,20 @@ import torch.distributed as dist
 
 from pipeline.config import ModelParams
 from pipeline.io.contracts import read_parquet
+from pipeline.io.locks import atomic_path
 from pipeline.io.resumable import job_key
 from pipeline.models import load_adapter
 from pipeline.student.params import TrainParams
 from pipeline.student.train import PLOT_COLUMNS, init_distributed, join_samples, params_dict, train_rpn
-from stages.common import fingerprints, model_fingerprint, params_option, progress_option, set_option
+from stages.common import (
+    fingerprints,
+    model_fingerprint,
+    params_option,
+    progress_option,
+    set_option,
+    write_text,
+    writing,
+)
 from stages.params import section
 
 
@@ -66,20 +76,21 @@ def train(
     inputs = fingerprints(manifest_path, labels_path)
     inputs[model.path] = model_fingerprint(model.path)
     state_dir = Path(work_dir) / f"train-{job_key(inputs=inputs, params=params_dict(params))}"
-    # same adapter options (Qwen: resolution) as decode/dump, so the visual grid is the one the labels are on
-    adapter = load_adapter(model.path, device, model.dtype, **model.adapter_options())
-    result = train_rpn(adapter, samples, params, n_skipped=n_skipped, state_dir=state_dir, progress=progress)
-    if info.is_main:
-        result.rpn.save(ckpt_out, label_hash=inputs[str(labels_path)], extra={"train_params": params_dict(params)})
-        metrics_out.parent.mkdir(parents=True, exist_ok=True)
-        metrics_out.write_text(json.dumps(result.metrics, indent=2) + "\n")
-        plots_out.parent.mkdir(parents=True, exist_ok=True)
-        with open(plots_out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=PLOT_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(result.records)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        click.echo(f"train: {len(samples)} samples ({n_skipped} skipped), metrics {result.metrics} -> {ckpt_out}")
+    # rank 0 alone writes the outputs and the training state, so it alone holds their locks for the whole run
+    locks = writing(ckpt_out, metrics_out, plots_out, work_dirs=(state_dir,)) if info.is_main else nullcontext()
+    with locks:
+        # same adapter options (Qwen: resolution) as decode/dump, so the visual grid is the one the labels are on
+        adapter = load_adapter(model.path, device, model.dtype, **model.adapter_options())
+        result = train_rpn(adapter, samples, params, n_skipped=n_skipped, state_dir=state_dir, progress=progress)
+        if info.is_main:
+            result.rpn.save(ckpt_out, label_hash=inputs[str(labels_path)], extra={"train_params": params_dict(params)})
+            write_text(metrics_out, json.dumps(result.metrics, indent=2) + "\n")
+            with atomic_path(plots_out) as tmp, open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=PLOT_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(result.records)
+            shutil.rmtree(state_dir, ignore_errors=True)
+            click.echo(f"train: {len(samples)} samples ({n_skipped} skipped), metrics {result.metrics} -> {ckpt_out}")
     if info.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.io.locks import atomic_path
+
 METADATA_KEY = b"sdrpn"
 
 
@@ -144,7 +146,11 @@ def write_parquet(
     params: dict[str, Any] | None = None,
     inputs: dict[str, str] | None = None,
 ) -> None:
-    """Validate ``table`` against the contract, attach provenance and write it atomically."""
+    """Validate ``table`` against the contract, attach provenance and write it atomically.
+
+    Holds the output's lock meanwhile (:mod:`pipeline.io.locks`): raises ``OutputLocked`` if another process
+    is writing ``path``.
+    """
     schema = load_schema(schema_name)
     validate_table(table, schema, str(path))
     meta = {
@@ -156,11 +162,10 @@ def write_parquet(
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), METADATA_KEY: json.dumps(meta, sort_keys=True)}
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    # a unique temp name under the output's lock: two writers never share a temp, and readers see the old
+    # artifact or the new one, whole
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def read_parquet(path: str | os.PathLike, schema_name: str, columns: list[str] | None = None) -> pa.Table:

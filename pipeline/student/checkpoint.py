@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.io.locks import atomic_path
+
 WEIGHTS_NAME = "rpn.safetensors"
 CONFIG_NAME = "rpn_config.json"
 CHECKPOINT_FORMAT = "sdrpn-rpn"
@@ -46,18 +48,13 @@ def write_release(
 ) -> Path:
     """Copy checkpoint ``rpn_dir`` to ``out_dir`` with ``inference`` (and ``extra`` keys) in its config.
 
-    Written into a fresh sibling directory and renamed into place, so a crash leaves the old release or none.
+    Written into a fresh, uniquely named sibling directory and renamed into place under ``out_dir``'s lock
+    (:mod:`pipeline.io.locks`), so a crash or a concurrent release leaves the old release or the new one, whole.
     """
     cfg = read_config(rpn_dir)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    shutil.copyfile(Path(rpn_dir) / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
     cfg = {**cfg, **(extra or {}), "inference": inference}
-    (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out, directory=True) as tmp:
+        shutil.copyfile(Path(rpn_dir) / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.inference.prefix_cache import PrefixState, prefix_state
+from pipeline.io.locks import atomic_path
 from pipeline.models.attention_math import attention_scores
 from pipeline.models.base import Batch, ModelAdapter
 from pipeline.student.checkpoint import (
@@ -278,15 +279,17 @@ class RPN(nn.Module):
         }
 
     def save(self, path: str | os.PathLike, label_hash: str | None = None, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``rpn.safetensors`` (RPN weights only) and ``rpn_config.json`` into directory ``path``."""
+        """Write ``rpn.safetensors`` (RPN weights only) and ``rpn_config.json`` as directory ``path``.
+
+        Both files go into a fresh sibling directory that then replaces ``path`` (under ``path``'s lock), so a
+        crash or a concurrent writer never leaves weights and config from different runs side by side.
+        """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / WEIGHTS_NAME)
         cfg = self.config_dict(label_hash, extra)
-        (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        with atomic_path(path, directory=True) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.io.images import load_images
+from pipeline.io.locks import atomic_path
 from pipeline.models.base import Batch, ModelAdapter
 from pipeline.student.params import TrainParams
 from pipeline.student.rpn import RPN, masked_bce, masked_mse
@@ -275,9 +276,11 @@ def save_state(path: Path, rpn: RPN, optimizer: torch.optim.Optimizer, step: int
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    tmp = path / (STATE_NAME + ".tmp")
-    torch.save(state, tmp)  # training state inside the work dir only; the final checkpoint is safetensors
-    os.replace(tmp, path / STATE_NAME)
+    # training state inside the work dir only (the final checkpoint is safetensors); a unique temp name, so a
+    # killed save never leaves a half-written state under the real name. The train stage locks the whole state
+    # dir for its run, so no lock file of its own here.
+    with atomic_path(path / STATE_NAME, lock=False) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(path: Path, rpn: RPN, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
