@@ -14,6 +14,7 @@ from pipeline.teacher.decode import decode_manifest
 from pipeline.teacher.params import DecodeParams
 from stages.common import fingerprints, model_fingerprint, params_option, progress_option
 from stages.params import section
+from stages.preflight import probe_model
 
 
 @click.command("decode")
@@ -30,15 +31,17 @@ from stages.params import section
 )
 def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress: bool, work_dir: Path) -> None:
     """Write RESPONSES_OUT: the model's greedy answer to each question in MANIFEST_PATH."""
+    # every params value is checked, also against the model's config, before weights load or a work dir exists
     model = section(params_path, "model", ModelParams)
     params = section(params_path, "decode", DecodeParams)
+    probe_model(params_path, model)
     manifest = read_parquet(manifest_path, "manifest")
     inputs = fingerprints(manifest_path)
     inputs[model.path] = model_fingerprint(model.path)
+    adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
     parts = PartStore(work_dir, "decode", job_key(inputs=inputs, params=vars(params)))
     if parts.n_done():
         click.echo(f"decode: resuming, {parts.n_done()} finished batches found in {parts.dir}")
-    adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
     table = decode_manifest(adapter, manifest, params, parts, progress=progress)
     params_used = {"model": model.to_dict(), "decode": vars(params)}
     write_parquet(table, responses_out, "responses", params=params_used, inputs=inputs)

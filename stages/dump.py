@@ -17,6 +17,7 @@ from pipeline.teacher.dump import dump_attention, max_visual_tokens, padding_mas
 from pipeline.teacher.params import DumpParams
 from stages.common import fingerprints, model_fingerprint, params_option, progress_option
 from stages.params import section
+from stages.preflight import check_layers, probe_model
 
 
 @click.command("dump")
@@ -36,8 +37,11 @@ def dump(
     manifest_path: Path, responses_path: Path, store_out: Path, params_path: Path, progress: bool, work_dir: Path
 ) -> None:
     """Write STORE_OUT (zarr 3) from the samples in MANIFEST_PATH and their RESPONSES_PATH."""
+    # every params value is checked, also against the model's config, before weights load or a work store exists
     model = section(params_path, "model", ModelParams)
     params = section(params_path, "dump", DumpParams)
+    probe = probe_model(params_path, model)
+    check_layers(params_path, probe, "dump.layers", params.layers)
     manifest = read_parquet(manifest_path, "manifest")
     responses = read_parquet(responses_path, "responses")
     inputs = fingerprints(manifest_path, responses_path)
