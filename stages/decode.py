@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import pyarrow.compute as pc
 
 from pipeline.config import ModelParams
 from pipeline.io.contracts import read_parquet, write_parquet
@@ -12,7 +13,7 @@ from pipeline.io.resumable import PartStore, job_key
 from pipeline.models import load_adapter
 from pipeline.teacher.decode import decode_manifest
 from pipeline.teacher.params import DecodeParams
-from stages.common import fingerprints, model_fingerprint, params_option, progress_option
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option, report_skips
 from stages.params import section
 from stages.preflight import probe_model
 
@@ -46,4 +47,7 @@ def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress
     params_used = {"model": model.to_dict(), "decode": vars(params)}
     write_parquet(table, responses_out, "responses", params=params_used, inputs=inputs)
     parts.cleanup()
-    click.echo(f"decode: {table.num_rows} responses -> {responses_out}")
+    rows = table.filter(pc.is_valid(table.column("skip_reason")))
+    skipped = dict(zip(rows.column("sample_id").to_pylist(), rows.column("skip_reason").to_pylist(), strict=True))
+    report_skips("decode", skipped, f"{responses_out} (skip_reason)")
+    click.echo(f"decode: {table.num_rows - len(skipped)} responses, {len(skipped)} skipped -> {responses_out}")

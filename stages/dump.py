@@ -13,9 +13,9 @@ from pipeline.io.attention_store import AttentionStoreWriter
 from pipeline.io.contracts import read_parquet
 from pipeline.io.resumable import job_key
 from pipeline.models import load_adapter
-from pipeline.teacher.dump import dump_attention, max_visual_tokens, padding_masks
+from pipeline.teacher.dump import dump_attention, max_visual_tokens, padding_masks, select_samples
 from pipeline.teacher.params import DumpParams
-from stages.common import fingerprints, model_fingerprint, params_option, progress_option
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option, report_skips
 from stages.params import section
 from stages.preflight import check_layers, probe_model
 
@@ -44,6 +44,13 @@ def dump(
     check_layers(params_path, probe, "dump.layers", params.layers)
     manifest = read_parquet(manifest_path, "manifest")
     responses = read_parquet(responses_path, "responses")
+    try:
+        manifest, skipped = select_samples(probe, manifest, responses)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    report_skips("dump", skipped, f"{store_out} (attrs.skipped)")
+    if manifest.num_rows == 0:
+        raise click.ClickException(f"dump: no sample to dump, all {len(skipped)} were left out (reasons above)")
     inputs = fingerprints(manifest_path, responses_path)
     inputs[model.path] = model_fingerprint(model.path)
     adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
@@ -64,6 +71,7 @@ def dump(
                 "include_eos": params.include_eos,
                 "params": {"model": model.to_dict(), "dump": asdict(params)},
                 "inputs": inputs,
+                "skipped": skipped,  # {sample_id: reason}: manifest samples the store leaves out
             },
             chunk_samples=params.chunk_samples,
             known_bg=bool(padding_masks(adapter, manifest)),  # the view has padding: store which tokens
@@ -73,4 +81,4 @@ def dump(
         shutil.rmtree(store_out)
     store_out.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(work), store_out)
-    click.echo(f"dump: {manifest.num_rows} samples, layers {params.layers} -> {store_out}")
+    click.echo(f"dump: {manifest.num_rows} samples ({len(skipped)} left out), layers {params.layers} -> {store_out}")

@@ -16,7 +16,7 @@ from pipeline.io.contracts import read_parquet
 from pipeline.io.images import load_image
 from pipeline.report.inspect_view import SampleView, model_view, render
 from pipeline.student.rpn import RPN
-from pipeline.teacher.decode import decode_batch
+from pipeline.teacher.decode import context_skips, decode_batch
 from pipeline.teacher.labels import LabelParams, label_block
 from stages.common import params_option
 from stages.evaluate import check_against_model, stage2_adapter
@@ -94,8 +94,13 @@ def inspect(
         image = load_image(r["image"], sid)
         box = (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"])
         view = SampleView(sid, image, r["question"], r.get("answer"), None if None in box else box)
-        view.answers["baseline"] = decode_batch(adapter, [image], [r["question"]], max_new)[0]["response"]
-        if rpn is not None:
+        skip = context_skips(adapter, [r["question"]], [(r["width"], r["height"])], max_new)[0]
+        if skip is not None:  # the model would answer nonsense: show why there is no answer instead
+            click.echo(f"inspect: {sid}: not answered, {skip}", err=True)
+            view.answers["baseline"] = f"(not answered: {skip})"
+        else:
+            view.answers["baseline"] = decode_batch(adapter, [image], [r["question"]], max_new)[0]["response"]
+        if rpn is not None and skip is None:
             maps = rpn_maps(rpn)([image], [r["question"]]).maps
             rows2, _ = two_stage_batch(adapter, [image], [r["question"]], maps, settings.roi, max_new)
             view.rpn_map, view.crop_boxes = maps[0], rows2[0]["crop_boxes"]

@@ -86,6 +86,7 @@ class Qwen25VLAdapter(ModelAdapter):
     """Adapter for Qwen2.5-VL: merged-token grids per image (fixed or native resolution) and M-RoPE positions."""
 
     family = "qwen2_5_vl"
+    prompt_special_tokens = False  # build_batch tokenises without them: the chat template has its own
 
     def __init__(
         self,
