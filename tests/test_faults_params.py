@@ -306,11 +306,18 @@ def _words(n_tokens: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(n_tokens))
 
 
-def _reason(n_prompt: int, n_new: int, what: str = "new tokens") -> str:
+def _reason(n_prompt: int, n_new: int, what: str = "new tokens", limit: int = CONTEXT) -> str:
     return (
-        f"prompt past the model's context: {n_prompt} prompt tokens + {n_new} {what} > {CONTEXT} "
+        f"prompt past the model's context: {n_prompt} prompt tokens + {n_new} {what} > {limit} "
         "(max_position_embeddings)"
     )
+
+
+@pytest.fixture(scope="module")
+def toy40():
+    """A toy LLaVA built for 40 positions: boundaries of the rule at a cheap length."""
+    model, processor = build_toy_llava(WORDS, ToyLlavaSizes(max_position_embeddings=40), seed=0)
+    return wrap_model(model, processor, "toy40")
 
 
 def test_prompt_lengths_count_what_the_batch_holds(adapter):
@@ -327,27 +334,33 @@ def test_prompt_lengths_count_what_the_batch_holds(adapter):
     assert adapter.context_length == CONTEXT and wrap_model(*qwen, "q").context_length == 4096
 
 
-def test_decode_skips_prompts_past_the_context_and_records_why(adapter, tmp_path):
-    """The 10,000-character question of the issue, past the 2048 positions: skipped, not decoded.
-
-    The rule is prompt + max_new_tokens <= context: a prompt that just fits is decoded, one token more is not."""
-    new = 4
-    fits = _words(CONTEXT - new - VISUAL - TEMPLATE)
-    over = _words(CONTEXT - new - VISUAL - TEMPLATE + 1)
-    manifest = _manifest(tmp_path, [SHORT, HUGE, fits, over])
-    manifest = manifest.set_column(1, "image", pa.array([manifest["image"][0].as_py(), "missing.png"] * 2))
+def test_decode_skips_the_10000_character_question(adapter, tmp_path):
+    """The issue's question, past the toy's 2048 positions: skipped with its reason, its image never read."""
+    manifest = _manifest(tmp_path, [SHORT, HUGE])
+    manifest = manifest.set_column(1, "image", pa.array([manifest["image"][0].as_py(), "missing.png"]))
     parts = PartStore(tmp_path / "work", "decode", "k")
-    table = decode_manifest(adapter, manifest, DecodeParams(batch_size=4, max_new_tokens=new), parts, progress=False)
+    table = decode_manifest(adapter, manifest, DecodeParams(batch_size=2, max_new_tokens=8), parts, progress=False)
     rows = table.to_pylist()
-    assert [r["sample_id"] for r in rows] == ["s0", "s1", "s2", "s3"]
-    assert len(HUGE) == 9999 and rows[1]["skip_reason"] == _reason(N_HUGE, new)
-    assert rows[3]["skip_reason"] == _reason(CONTEXT - new + 1, new)
-    for r in (rows[1], rows[3]):  # nothing generated, image never read (its file does not exist)
-        assert (r["response"], r["response_token_ids"], r["finish_reason"]) == ("", [], "skipped")
-    assert rows[2]["skip_reason"] is None and rows[2]["finish_reason"] in ("eos", "length")
-    image = random_images(4)[0].resize((64, 64))  # the samples decoded in the batch answer as they would alone
+    assert len(HUGE) == 9999 and rows[1]["skip_reason"] == _reason(N_HUGE, 8)
+    assert (rows[1]["response"], rows[1]["response_token_ids"], rows[1]["finish_reason"]) == ("", [], "skipped")
+    image = random_images(2)[0].resize((64, 64))  # the other sample answers as it would alone
     assert rows[0]["skip_reason"] is None
-    assert rows[0]["response_token_ids"] == decode_batch(adapter, [image], [SHORT], new)[0]["response_token_ids"]
+    assert rows[0]["response_token_ids"] == decode_batch(adapter, [image], [SHORT], 8)[0]["response_token_ids"]
+
+
+def test_decode_rule_is_prompt_plus_max_new_tokens_within_the_context(toy40, tmp_path):
+    """A prompt that just fits with max_new_tokens is decoded; one token more is skipped (nothing generated)."""
+    new, limit = 4, 40
+    fits = _words(limit - new - VISUAL - TEMPLATE)
+    over = _words(limit - new - VISUAL - TEMPLATE + 1)
+    manifest = _manifest(tmp_path, [fits, over])
+    parts = PartStore(tmp_path / "work", "decode", "k")
+    table = decode_manifest(toy40, manifest, DecodeParams(batch_size=2, max_new_tokens=new), parts, progress=False)
+    rows = table.to_pylist()
+    assert [r["sample_id"] for r in rows] == ["s0", "s1"]
+    assert rows[0]["skip_reason"] is None and rows[0]["finish_reason"] in ("eos", "length")
+    assert rows[1]["skip_reason"] == _reason(limit - new + 1, new, limit=limit)
+    assert (rows[1]["response"], rows[1]["response_token_ids"], rows[1]["finish_reason"]) == ("", [], "skipped")
 
 
 def test_dump_leaves_out_what_decode_skipped_and_responses_past_the_context(adapter, tmp_path):
@@ -408,10 +421,9 @@ def test_evaluate_records_skipped_samples_for_every_method(adapter, tmp_path):
         assert not math.isnan(metrics[m]["accuracy"])
 
 
-def test_stage_two_past_the_context_answers_from_the_original_view():
+def test_stage_two_past_the_context_answers_from_the_original_view(toy40):
     """Crops that would push stage 2 past the context are dropped (the baseline's answer), and the row says so."""
-    model, processor = build_toy_llava(WORDS, ToyLlavaSizes(max_position_embeddings=40), seed=0)
-    small = wrap_model(model, processor, "toy40")
+    small = toy40
     images = random_images(1)
     whole = [torch.ones(4, 4).numpy()]  # every token: one crop of 16 tokens on top of a 27-token prompt
     rows, rois = two_stage_batch(small, images, [SHORT], whole, RoIParams(smooth_sigma=0.0, tau=0.5), 4)
