@@ -36,6 +36,14 @@ set_option = click.option(
 )
 
 
+def report_skips(stage: str, skipped: dict[str, str], where: str | Path, shown: int = 5) -> None:
+    """Name the first skipped samples and why on stderr; every one is recorded in ``where``."""
+    for sid, reason in list(skipped.items())[:shown]:
+        click.echo(f"{stage}: skipped {sid}: {reason}", err=True)
+    if len(skipped) > shown:
+        click.echo(f"{stage}: ... and {len(skipped) - shown} more, each with its reason in {where}", err=True)
+
+
 def fingerprints(*paths: str | Path) -> dict[str, str]:
     """{path: md5} for the inputs an artifact was made from."""
     return {str(p): fingerprint(p) for p in paths}

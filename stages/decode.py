@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import pyarrow.compute as pc
 
 from pipeline.config import ModelParams
 from pipeline.io.contracts import read_parquet, write_parquet
@@ -12,8 +13,9 @@ from pipeline.io.resumable import PartStore, job_key
 from pipeline.models import load_adapter
 from pipeline.teacher.decode import decode_manifest
 from pipeline.teacher.params import DecodeParams
-from stages.common import fingerprints, model_fingerprint, params_option, progress_option, writes
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option, report_skips, writes
 from stages.params import section
+from stages.preflight import probe_model
 
 
 @click.command("decode")
@@ -31,8 +33,10 @@ from stages.params import section
 @writes("responses_out")
 def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress: bool, work_dir: Path) -> None:
     """Write RESPONSES_OUT: the model's greedy answer to each question in MANIFEST_PATH."""
+    # every params value is checked, also against the model's config, before weights load or a work dir exists
     model = section(params_path, "model", ModelParams)
     params = section(params_path, "decode", DecodeParams)
+    probe_model(params_path, model)
     manifest = read_parquet(manifest_path, "manifest")
     inputs = fingerprints(manifest_path)
     inputs[model.path] = model_fingerprint(model.path)
@@ -45,4 +49,7 @@ def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress
         params_used = {"model": model.to_dict(), "decode": vars(params)}
         write_parquet(table, responses_out, "responses", params=params_used, inputs=inputs)
         parts.cleanup()
-    click.echo(f"decode: {table.num_rows} responses -> {responses_out}")
+    rows = table.filter(pc.is_valid(table.column("skip_reason")))
+    skipped = dict(zip(rows.column("sample_id").to_pylist(), rows.column("skip_reason").to_pylist(), strict=True))
+    report_skips("decode", skipped, f"{responses_out} (skip_reason)")
+    click.echo(f"decode: {table.num_rows - len(skipped)} responses, {len(skipped)} skipped -> {responses_out}")

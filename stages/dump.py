@@ -13,10 +13,11 @@ from pipeline.io.contracts import read_parquet
 from pipeline.io.locks import output_lock, publish_dir
 from pipeline.io.resumable import job_key
 from pipeline.models import load_adapter
-from pipeline.teacher.dump import dump_attention, max_visual_tokens, padding_masks
+from pipeline.teacher.dump import dump_attention, max_visual_tokens, padding_masks, select_samples
 from pipeline.teacher.params import DumpParams
-from stages.common import fingerprints, model_fingerprint, params_option, progress_option, writes
+from stages.common import fingerprints, model_fingerprint, params_option, progress_option, report_skips, writes
 from stages.params import section
+from stages.preflight import check_layers, probe_model
 
 
 @click.command("dump")
@@ -37,10 +38,20 @@ def dump(
     manifest_path: Path, responses_path: Path, store_out: Path, params_path: Path, progress: bool, work_dir: Path
 ) -> None:
     """Write STORE_OUT (zarr 3) from the samples in MANIFEST_PATH and their RESPONSES_PATH."""
+    # every params value is checked, also against the model's config, before weights load or a work store exists
     model = section(params_path, "model", ModelParams)
     params = section(params_path, "dump", DumpParams)
+    probe = probe_model(params_path, model)
+    check_layers(params_path, probe, "dump.layers", params.layers)
     manifest = read_parquet(manifest_path, "manifest")
     responses = read_parquet(responses_path, "responses")
+    try:
+        manifest, skipped = select_samples(probe, manifest, responses)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    report_skips("dump", skipped, f"{store_out} (attrs.skipped)")
+    if manifest.num_rows == 0:
+        raise click.ClickException(f"dump: no sample to dump, all {len(skipped)} were left out (reasons above)")
     inputs = fingerprints(manifest_path, responses_path)
     inputs[model.path] = model_fingerprint(model.path)
     work = Path(work_dir) / f"dump-{job_key(inputs=inputs, params=asdict(params))}.zarr"
@@ -64,10 +75,13 @@ def dump(
                     "include_eos": params.include_eos,
                     "params": {"model": model.to_dict(), "dump": asdict(params)},
                     "inputs": inputs,
+                    "skipped": skipped,  # {sample_id: reason}: manifest samples the store leaves out
                 },
                 chunk_samples=params.chunk_samples,
                 known_bg=bool(padding_masks(adapter, manifest)),  # the view has padding: store which tokens
             )
         dump_attention(adapter, manifest, responses, params, writer, progress=progress)
         publish_dir(work, store_out)  # the old store stays whole until the finished one replaces it
-        click.echo(f"dump: {manifest.num_rows} samples, layers {params.layers} -> {store_out}")
+        click.echo(
+            f"dump: {manifest.num_rows} samples ({len(skipped)} left out), layers {params.layers} -> {store_out}"
+        )

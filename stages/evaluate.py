@@ -19,12 +19,23 @@ from pipeline.student.rpn import RPN
 from stages.common import fingerprints, model_fingerprint, params_option, progress_option, write_text, writes
 from stages.evaluate_params import eval_params
 from stages.params import section
+from stages.preflight import check_layers, probe_model
 
 
 def stage2_adapter(model: ModelParams, params: EvalParams) -> ModelAdapter:
     """The model as two-stage inference runs it: the ``model`` options and ``evaluate.crop_size``."""
     crop = {} if params.crop_size is None else {"crop_size": params.crop_size}
     return load_adapter(model.path, model.device, model.dtype, **model.adapter_options(), **crop)
+
+
+def check_against_model(params_path: Path, model: ModelParams, params: EvalParams) -> None:
+    """What only the model can tell about the ``evaluate`` values (crop size vs its patch, the raw-attention
+    layers vs its depth), from its config alone: before any weights load."""
+    crop = {} if params.crop_size is None else {"crop_size": params.crop_size}
+    probe = probe_model(params_path, model, **crop)
+    if params.raw_attention:
+        key = "evaluate.raw_attention_layers (from label.layers/label.heads/dump.layers)"
+        check_layers(params_path, probe, key, params.raw_attention_layers)
 
 
 def _named_dir(value: str) -> tuple[str, Path]:
@@ -55,8 +66,10 @@ def evaluate(
     progress: bool,
 ) -> None:
     """Answer MANIFEST_PATH with every method; write PREDICTIONS_OUT, --metrics and --plots."""
+    # every params value is checked, also against the model's config, before weights load or an output exists
     model = section(params_path, "model", ModelParams)
     params = eval_params(params_path)
+    check_against_model(params_path, model, params)
     manifest = read_parquet(manifest_path, "manifest")
     adapter = stage2_adapter(model, params)
     rpns = {"sdrpn": RPN.load(adapter, rpn_dir).eval()}

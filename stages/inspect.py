@@ -18,10 +18,10 @@ from pipeline.io.contracts import read_parquet
 from pipeline.io.images import load_image
 from pipeline.report.inspect_view import SampleView, model_view, render
 from pipeline.student.rpn import RPN
-from pipeline.teacher.decode import decode_batch
-from pipeline.teacher.labels import label_block
+from pipeline.teacher.decode import context_skips, decode_batch
+from pipeline.teacher.labels import LabelParams, label_block
 from stages.common import params_option
-from stages.evaluate import stage2_adapter
+from stages.evaluate import check_against_model, stage2_adapter
 from stages.evaluate_params import eval_params
 from stages.label import label_params
 from stages.params import section
@@ -43,7 +43,7 @@ def output_name(sample_id: str) -> str:
     return f"{safe}.png"
 
 
-def _teacher_maps(store_path: Path, sample_id: str, params_path: Path) -> dict | None:
+def _teacher_maps(store_path: Path, sample_id: str, params: LabelParams) -> dict | None:
     """Raw attention, sinks and labels of one sample, recomputed from the store exactly as `label` does."""
     if not store_path.exists():
         return None
@@ -53,7 +53,7 @@ def _teacher_maps(store_path: Path, sample_id: str, params_path: Path) -> dict |
         return None
     i = int(where[0])
     block = store.read(i, i + 1)
-    out = label_block(store, block, label_params(params_path), return_maps=True)
+    out = label_block(store, block, params, return_maps=True)
     h, w = (int(v) for v in block.grid[0])
     return {
         "raw_attention": np.asarray(out["raw_map"][0][: h * w], dtype=np.float64).reshape(h, w),
@@ -91,6 +91,11 @@ def inspect(
     An id with characters unsafe in a file name ('/', '..', spaces, ...) is written under a sanitised name with
     a short hash (see :func:`output_name`); the name is printed.
     """
+    # every params section it uses is checked, also against the model's config, before weights load
+    model = section(params_path, "model", ModelParams)
+    evaluate = eval_params(params_path)
+    labels = label_params(params_path)
+    check_against_model(params_path, model, evaluate)
     rows = {}
     for m in manifests:
         if m.exists():
@@ -98,8 +103,7 @@ def inspect(
     missing = [s for s in sample_ids if s not in rows]
     if missing:
         raise click.ClickException(f"samples {missing} are in none of {list(map(str, manifests))}")
-    evaluate = eval_params(params_path)
-    adapter = stage2_adapter(section(params_path, "model", ModelParams), evaluate)
+    adapter = stage2_adapter(model, evaluate)
     rpn = RPN.load(adapter, rpn_dir).eval() if rpn_dir.exists() else None
     # a release records the settings evaluate ran it with; train's checkpoint takes them from params.yaml
     settings = (InferenceSettings.of_checkpoint(rpn_dir) if rpn is not None else None) or InferenceSettings.from_eval(
@@ -112,13 +116,18 @@ def inspect(
         image = load_image(r["image"], sid)
         box = (r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"])
         view = SampleView(sid, image, r["question"], r.get("answer"), None if None in box else box)
-        view.answers["baseline"] = decode_batch(adapter, [image], [r["question"]], max_new)[0]["response"]
-        if rpn is not None:
+        skip = context_skips(adapter, [r["question"]], [(r["width"], r["height"])], max_new)[0]
+        if skip is not None:  # the model would answer nonsense: show why there is no answer instead
+            click.echo(f"inspect: {sid}: not answered, {skip}", err=True)
+            view.answers["baseline"] = f"(not answered: {skip})"
+        else:
+            view.answers["baseline"] = decode_batch(adapter, [image], [r["question"]], max_new)[0]["response"]
+        if rpn is not None and skip is None:
             maps = rpn_maps(rpn)([image], [r["question"]]).maps
             rows2, _ = two_stage_batch(adapter, [image], [r["question"]], maps, settings.roi, max_new)
             view.rpn_map, view.crop_boxes = maps[0], rows2[0]["crop_boxes"]
             view.answers[f"SD-RPN ({settings.roi.mode})"] = rows2[0]["response"]
-        for key, value in (_teacher_maps(store_path, sid, params_path) or {}).items():
+        for key, value in (_teacher_maps(store_path, sid, labels) or {}).items():
             setattr(view, key, value)
         ip = adapter.processor.image_processor
         pixels = adapter.build_batch([image], [adapter.render_prompt(r["question"])]).inputs["pixel_values"][0]

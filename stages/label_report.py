@@ -12,12 +12,12 @@ from pipeline.config import ModelParams
 from pipeline.io.attention_store import open_attention_store
 from pipeline.io.contracts import read_parquet
 from pipeline.io.locks import atomic_path
-from pipeline.models import load_adapter
 from pipeline.models.geometry import gt_token_masks
 from pipeline.teacher.label_report import label_quality
 from stages.common import params_option, write_text, writes
 from stages.label import label_params
 from stages.params import section
+from stages.preflight import probe_model
 
 
 @click.command("label-report")
@@ -31,7 +31,7 @@ def label_report(manifest_path: Path, store_path: Path, metrics_out: Path, fig3_
     """Write METRICS_OUT (JSON, DVC metrics) and FIG3_OUT (TSV, DVC plot) for samples with a GT box."""
     params = label_params(params_path)
     model = section(params_path, "model", ModelParams)
-    adapter = load_adapter(model.path, weights=False, **model.adapter_options())  # geometry only
+    adapter = probe_model(params_path, model, device=False)  # geometry only: from the config, no weights
     store = open_attention_store(store_path)
     manifest = read_parquet(manifest_path, "manifest")
     rows = {r["sample_id"]: r for r in manifest.to_pylist()}

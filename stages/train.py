@@ -32,6 +32,7 @@ from stages.common import (
     writing,
 )
 from stages.params import section
+from stages.preflight import probe_model
 
 
 @click.command("train")
@@ -62,8 +63,15 @@ def train(
     work_dir: Path,
 ) -> None:
     """Write CKPT_OUT (RPN weights + rpn_config.json) trained on LABELS_PATH for the samples of MANIFEST_PATH."""
+    # every params value is checked, also against the model's config, before weights load or a state dir exists
     model = section(params_path, "model", ModelParams)
     params = section(params_path, "train", TrainParams, overrides)
+    n_layers = len(probe_model(params_path, model).decoder_layers)
+    if n_layers < params.B + params.R:  # the RPN copies layers B..B+R-1
+        raise click.UsageError(
+            f"{params_path}: train.B/train.R: the RPN copies layers B..B+R-1 = {params.B}..{params.B + params.R - 1}, "
+            f"past the model's {n_layers} decoder layers (got B={params.B}, R={params.R})"
+        )
     info = init_distributed()
     device = model.device
     if info.world > 1 and device in ("auto", "cuda"):

@@ -70,17 +70,17 @@ def test_shipped_params_parse_with_the_values_written(tmp_path):
         (lambda d: d["model"].update(devcie="cpu"), "model: unknown key(s) ['devcie']"),
         (lambda d: d["dump"].update(layer=[3]), "dump: unknown key(s) ['layer']"),
         (lambda d: d["world"]["generator"].update(canvass=500), "world.generator.canvass: unknown key"),
-        (lambda d: d["model"].update(dtype="fp32"), "model.dtype: Input should be 'auto'"),
-        (lambda d: d["model"].update(device="gpu"), "device must be one of"),
+        (lambda d: d["model"].update(dtype="fp8"), "model.dtype: unknown dtype 'fp8'; valid: ['auto', 'float32'"),
+        (lambda d: d["model"].update(device="gpu"), "model.device: must be one of ['auto', 'cpu', 'cuda', 'mps']"),
         (lambda d: d["train"].update(B="three"), "train.B: Input should be a valid integer"),
-        (lambda d: d["train"].update(global_batch=0), "global_batch, micro_batch, epochs and save_every must be >= 1"),
-        (lambda d: d["label"].update(tau_fg=1.5), "tau_fg/tau_bg must lie in [0, 1]"),
+        (lambda d: d["train"].update(global_batch=0), "train.global_batch: must be >= 1 (got 0)"),
+        (lambda d: d["label"].update(tau_fg=1.5), "label.tau_fg: must lie in [0, 1] (got 1.5)"),
         (lambda d: d["label"].update(preset="llava"), "label.preset: unknown preset 'llava'"),
         (lambda d: d["evaluate"].update(modes=["masked", "crop"]), "evaluate.modes.1: Input should be 'masked'"),
-        (lambda d: d["evaluate"].update(roi={"taux": 0.2}), "unexpected keyword argument 'taux'"),
+        (lambda d: d["evaluate"].update(roi={"taux": 0.2}), "evaluate.roi: unknown key(s) ['taux']"),
         (lambda d: d["evaluate"].update(scoring="anls"), "evaluate.scoring"),
         (lambda d: d["prepare"].update(format="csv"), "prepare.format"),
-        (lambda d: d["decode"].update(max_new_tokens=0), "batch_size and max_new_tokens must be >= 1"),
+        (lambda d: d["decode"].update(max_new_tokens=0), "decode.max_new_tokens: must be >= 1 (got 0)"),
         # coupled keys: a label setting needing a layer or heads the dump did not store names both sides
         (lambda d: d["label"].update(layers=[5]), "name layer(s) [5] that dump.layers [3] does not store"),
         (lambda d: d["label"].update(sink_norm_layer=1), "name layer(s) [1] that dump.layers [3]"),
@@ -108,7 +108,7 @@ def test_label_layers_follow_per_layer_heads(tmp_path):
 def test_parse_section_converts_and_refuses():
     p = parse_section(DumpParams, {"layers": [1, 2], "per_head": "true"}, "dump")
     assert p.layers == [1, 2] and p.per_head is True
-    with pytest.raises(ParamsError, match=r"dump: layers must be distinct"):
+    with pytest.raises(ParamsError, match=r"dump.layers: decoder layer indices must be distinct"):
         parse_section(DumpParams, {"layers": [1, 1]}, "dump")
     with pytest.raises(ParamsError, match=r"dump: expected a mapping"):
         parse_section(DumpParams, [1, 2], "dump")

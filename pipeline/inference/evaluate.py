@@ -3,6 +3,11 @@
 Every method answers the same batches, so accuracy, localisation and throughput relative to the
 baseline are measured side by side: the baseline (original view), SD-RPN with masked and box
 upscaling, RoI from the teacher's raw attention (no RPN), and any further RPNs (ablations).
+
+A sample whose prompt plus ``max_new_tokens`` does not fit the model's context (the rule of
+:func:`~pipeline.teacher.decode.context_skips`) is answered by no method: each method gets a row with an empty
+response, score 0 and the reason in ``skip_reason``, so accuracy stays over the whole manifest and the metrics
+count them (``n_skipped``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pipeline.models.base import ModelAdapter
 from pipeline.models.geometry import gt_token_masks
 from pipeline.student.rpn import RPN
 from pipeline.teacher.attention_capture import capture_attention
-from pipeline.teacher.decode import decode_batch
+from pipeline.teacher.decode import context_skips, decode_batch
 from pipeline.teacher.labels import LabelParams, attention_map, label_plan
 
 PREDICTION_COLUMNS = pa.schema(
@@ -41,6 +46,7 @@ PREDICTION_COLUMNS = pa.schema(
         ("roi_precision", pa.float64()),
         ("box_recall", pa.float64()),
         ("iou", pa.float64()),
+        ("skip_reason", pa.string()),  # null: answered as the method intends
     ]
 )
 
@@ -149,43 +155,25 @@ def evaluate_manifest(
     rows_man = manifest.to_pylist()
     seconds: dict[str, float] = defaultdict(float)
     out: list[dict] = []
+    methods = ["baseline"]
+    for name in rpns:
+        methods += [f"{name}_{mode}" for mode in (params.modes if name == main else ["masked"])]
+    methods += ["raw_attention"] if params.raw_attention else []
     bar = tqdm(total=len(rows_man), desc="evaluate", unit="sample", disable=not progress)
     for start in range(0, len(rows_man), params.batch_size):
-        chunk = rows_man[start : start + params.batch_size]
-        images = load_images([r["image"] for r in chunk], [r["sample_id"] for r in chunk])
-        questions = [r["question"] for r in chunk]
-        t0 = time.perf_counter()
-        base = decode_batch(adapter, images, questions, params.max_new_tokens)
-        t_base = time.perf_counter() - t0
-        seconds["baseline"] += t_base
-        results: dict[str, tuple[list[dict], list[RoI | None]]] = {"baseline": (base, [None] * len(chunk))}
-        for name, rpn in rpns.items():
-            for mode in params.modes if name == main else ["masked"]:
-                method = f"{name}_{mode}"
-                roi_params = RoIParams(**{**params.roi, "mode": mode})
-                t0 = time.perf_counter()
-                results[method] = two_stage_batch(
-                    adapter, images, questions, rpn_maps(rpn, params.reuse_prefix), roi_params, params.max_new_tokens
-                )
-                seconds[method] += time.perf_counter() - t0
-        if params.raw_attention:
-            t0 = time.perf_counter()
-            maps = raw_attention_maps(
-                adapter,
-                images,
-                questions,
-                [r["response_token_ids"] for r in base],
-                params.raw_attention_layers,
-                params.raw_attention_last_prompt,
-            )
-            roi_params = RoIParams(**{**params.roi, "mode": "masked", "tau": params.raw_attention_tau})
-            results["raw_attention"] = two_stage_batch(
-                adapter, images, questions, maps, roi_params, params.max_new_tokens
-            )
-            # it needs the baseline answer first, so its cost includes the baseline's
-            seconds["raw_attention"] += time.perf_counter() - t0 + t_base
-        for method, (rows, rois) in results.items():
-            for man, row, roi in zip(chunk, rows, rois, strict=True):
+        batch = rows_man[start : start + params.batch_size]
+        reasons = context_skips(
+            adapter, [r["question"] for r in batch], [(r["width"], r["height"]) for r in batch], params.max_new_tokens
+        )
+        chunk = [man for man, reason in zip(batch, reasons, strict=True) if reason is None]
+        results = _answer(adapter, chunk, rpns, params, main, seconds) if chunk else {m: ([], []) for m in methods}
+        for method in methods:  # the batch's samples in manifest order, skipped ones in place
+            answered = zip(chunk, *results[method], strict=True)
+            for entry, reason in zip(batch, reasons, strict=True):
+                if reason is not None:
+                    out.append(_skipped_prediction(entry["sample_id"], method, reason))
+                    continue
+                man, row, roi = next(answered)
                 loc = _localisation(adapter, row, roi, man) if roi is not None else (float("nan"),) * 3
                 out.append(
                     {
@@ -193,18 +181,77 @@ def evaluate_manifest(
                         "method": method,
                         "response": row["response"],
                         "score": score(row["response"], man.get("answer"), man.get("answers"), params.scoring),
-                        "found": bool(roi is not None and roi.found),
+                        # stage 2 dropped the crops (past the context): the answer is the original view's
+                        "found": bool(roi is not None and roi.found and row.get("skip_reason") is None),
                         "crop_boxes": row.get("crop_boxes", []),
                         "n_crop_tokens": int(row.get("n_crop_tokens", 0)),
                         "roi_precision": loc[0],
                         "box_recall": loc[1],
                         "iou": loc[2],
+                        "skip_reason": row.get("skip_reason"),
                     }
                 )
-        bar.update(len(chunk))
+        bar.update(len(batch))
     bar.close()
     table = pa.Table.from_pylist(out, schema=PREDICTION_COLUMNS)
     return table, summarize(table, seconds)
+
+
+def _answer(
+    adapter: ModelAdapter,
+    chunk: list[dict],
+    rpns: dict[str, RPN],
+    params: EvalParams,
+    main: str,
+    seconds: dict[str, float],
+) -> dict[str, tuple[list[dict], list[RoI | None]]]:
+    """Every method's answer rows and RoIs for the manifest rows ``chunk``; adds each method's time to ``seconds``."""
+    images = load_images([r["image"] for r in chunk], [r["sample_id"] for r in chunk])
+    questions = [r["question"] for r in chunk]
+    t0 = time.perf_counter()
+    base = decode_batch(adapter, images, questions, params.max_new_tokens)
+    t_base = time.perf_counter() - t0
+    seconds["baseline"] += t_base
+    results: dict[str, tuple[list[dict], list[RoI | None]]] = {"baseline": (base, [None] * len(chunk))}
+    for name, rpn in rpns.items():
+        for mode in params.modes if name == main else ["masked"]:
+            method = f"{name}_{mode}"
+            roi_params = RoIParams(**{**params.roi, "mode": mode})
+            t0 = time.perf_counter()
+            results[method] = two_stage_batch(
+                adapter, images, questions, rpn_maps(rpn, params.reuse_prefix), roi_params, params.max_new_tokens
+            )
+            seconds[method] += time.perf_counter() - t0
+    if params.raw_attention:
+        t0 = time.perf_counter()
+        maps = raw_attention_maps(
+            adapter,
+            images,
+            questions,
+            [r["response_token_ids"] for r in base],
+            params.raw_attention_layers,
+            params.raw_attention_last_prompt,
+        )
+        roi_params = RoIParams(**{**params.roi, "mode": "masked", "tau": params.raw_attention_tau})
+        results["raw_attention"] = two_stage_batch(adapter, images, questions, maps, roi_params, params.max_new_tokens)
+        # it needs the baseline answer first, so its cost includes the baseline's
+        seconds["raw_attention"] += time.perf_counter() - t0 + t_base
+    return results
+
+
+def _skipped_prediction(sample_id: str, method: str, reason: str) -> dict:
+    """The row of a sample no method answers: empty response, score 0 (unanswered is wrong), the reason."""
+    nan = float("nan")
+    row = {"sample_id": sample_id, "method": method, "response": "", "score": 0.0, "found": False}
+    return {
+        **row,
+        "crop_boxes": [],
+        "n_crop_tokens": 0,
+        "roi_precision": nan,
+        "box_recall": nan,
+        "iou": nan,
+        "skip_reason": reason,
+    }
 
 
 def summarize(predictions: pa.Table, seconds: dict[str, float]) -> dict:
@@ -215,7 +262,8 @@ def summarize(predictions: pa.Table, seconds: dict[str, float]) -> dict:
     metrics: dict = {}
     for method in df["method"].unique(maintain_order=True).to_list():
         d = df.filter(pl.col("method") == method)
-        m = {"accuracy": float(d["score"].mean()), "n": d.height}
+        skipped = d["skip_reason"].is_not_null().sum()
+        m = {"accuracy": float(d["score"].mean()), "n": d.height, "n_skipped": int(skipped)}
         if method != "baseline":
             m["region_found"] = float(d["found"].mean())
             for col in ("roi_precision", "box_recall", "iou"):

@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from pipeline.config import FieldError, check_indices, check_min, check_range, parse_nested
 from pipeline.inference.roi import RoIParams, UpscaleMode
 from pipeline.student.checkpoint import CONFIG_NAME, read_config
 
@@ -28,21 +29,22 @@ class EvalParams:
     # the adapter is built with it (``load_adapter(..., crop_size=...)``), evaluate_manifest checks it was
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
-        if not self.modes:
-            raise ValueError("modes: name at least one upscaling mode (masked, box)")
+        check_min("batch_size", self.batch_size)
+        check_min("max_new_tokens", self.max_new_tokens)
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            raise FieldError("modes", f"name each upscaling mode (masked, box) once (got {self.modes!r})")
         if "mode" in self.roi:
-            raise ValueError("roi.mode is set per method by evaluate (modes); remove it from roi")
-        try:
-            RoIParams(**self.roi)
-        except TypeError as exc:
-            known = [f.name for f in fields(RoIParams) if f.name != "mode"]
-            raise ValueError(f"roi: {exc}; known keys: {known}") from None
-        if not 0 <= self.raw_attention_tau <= 1:
-            raise ValueError(f"raw_attention_tau must lie in [0, 1], got {self.raw_attention_tau}")
-        if self.crop_size is not None and self.crop_size < 1:
-            raise ValueError(f"crop_size must be a positive side in pixels, got {self.crop_size}")
+            raise FieldError("roi.mode", "is set per method by evaluate (modes); remove it")
+        known = [f.name for f in fields(RoIParams) if f.name != "mode"]
+        unknown = sorted(set(self.roi) - set(known))
+        if unknown:
+            raise FieldError("roi", f"unknown key(s) {unknown}; known: {known}")
+        roi = parse_nested(RoIParams, self.roi, "roi")  # values typed and range-checked, named roi.<key>
+        self.roi = {k: getattr(roi, k) for k in self.roi}  # the converted values (YAML "0.2" -> 0.2)
+        # derived from dump.layers / label in the pipeline: a duplicate would weigh one layer twice
+        check_indices("raw_attention_layers", self.raw_attention_layers, what="decoder layer indices")
+        check_range("raw_attention_tau", self.raw_attention_tau, 0, 1)
+        check_min("crop_size", self.crop_size, optional=True)  # a multiple of the patch: checked by the adapter
 
 
 @dataclass

@@ -22,6 +22,8 @@ import numpy as np
 from scipy.ndimage import find_objects, gaussian_filter
 from skimage.measure import label
 
+from pipeline.config import FieldError, check_choice, check_min, check_range
+
 GridBox = tuple[int, int, int, int]  # (y0, x0, y1, x1) on the token grid, all inclusive
 
 UpscaleMode = Literal["masked", "box"]
@@ -40,10 +42,14 @@ class RoIParams:
     mode: UpscaleMode = "masked"
 
     def __post_init__(self) -> None:
-        if self.smooth_size < 1 or self.smooth_size % 2 == 0:
-            raise ValueError(f"smooth_size must be a positive odd number, got {self.smooth_size}")
-        if self.mode not in ("masked", "box"):
-            raise ValueError(f"mode must be 'masked' or 'box', got {self.mode!r}")
+        check_min("smooth_size", self.smooth_size)
+        if self.smooth_size % 2 == 0:
+            raise FieldError("smooth_size", f"must be a positive odd number (got {self.smooth_size!r})")
+        check_min("smooth_sigma", self.smooth_sigma, 0)
+        check_range("tau", self.tau, 0, 1)  # a probability threshold
+        check_min("grow_below", self.grow_below, 0)
+        check_min("max_area", self.max_area, optional=True)
+        check_choice("mode", self.mode, ("masked", "box"))
 
 
 @dataclass

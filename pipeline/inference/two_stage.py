@@ -187,14 +187,34 @@ def generate_with_crops(
 ) -> list[dict]:
     """Greedy answers from the original view plus each sample's crops (none: the baseline answer).
 
+    A sample whose stage-2 prompt (with its crops' tokens) plus ``max_new_tokens`` would pass the model's context
+    length is answered from the original view alone, its crops dropped, and its row says so in ``skip_reason``
+    (past ``max_position_embeddings`` the model would answer nonsense).
+
     With ``prefix`` (stage 1's :class:`~pipeline.inference.prefix_cache.PrefixState` for the same rows) the shared
     prompt prefix comes from stage 1's cache instead of being encoded again; with ``features`` (stage 1's visual tokens
     of the same images) the original views skip the vision tower. Same answers, less work.
     """
     reuse = prefix is not None and adapter.supports_prefix_reuse
-    inputs = build_stage2_inputs(
-        adapter, images, questions, crops, encode_originals=not reuse, original_features=None if reuse else features
-    )
+
+    def build(crops: list[list[Crop]]) -> Stage2Inputs:
+        return build_stage2_inputs(
+            adapter, images, questions, crops, encode_originals=not reuse, original_features=None if reuse else features
+        )
+
+    inputs = build(crops)
+    notes: list[str | None] = [None] * len(images)
+    limit = adapter.context_length
+    if limit is not None:
+        lengths = inputs.attention_mask.sum(1).tolist()
+        over = [i for i, n in enumerate(lengths) if inputs.crops[i] and n + max_new_tokens > limit]
+        for i in over:
+            notes[i] = (
+                f"stage 2 past the model's context: {lengths[i]} tokens with crops + {max_new_tokens} new tokens > "
+                f"{limit} (max_position_embeddings); answered from the original view, crops dropped"
+            )
+        if over:
+            inputs = build([[] if i in over else cs for i, cs in enumerate(crops)])
     out = adapter.model.generate(
         **(prefix_generate_inputs(adapter, prefix, inputs) if reuse else inputs.model_inputs()),
         do_sample=False,
@@ -206,10 +226,13 @@ def generate_with_crops(
     # From inputs_embeds alone, generate() returns only the new tokens. Explicit positions (Qwen's M-RoPE) are
     # continued by generate() from each row's last position: what the model's own rope deltas give.
     rows = []
-    for prompt, toks, cs, n in zip(inputs.prompts, out.tolist(), inputs.crops, inputs.n_crop_tokens, strict=True):
+    for prompt, toks, cs, n, note in zip(
+        inputs.prompts, out.tolist(), inputs.crops, inputs.n_crop_tokens, notes, strict=True
+    ):
         row = response_row(adapter, prompt, toks)
         row["crop_boxes"] = [list(c.box) for c in cs]
         row["n_crop_tokens"] = n
+        row["skip_reason"] = note
         rows.append(row)
     return rows
 

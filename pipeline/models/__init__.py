@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import canonical_dtype
 from pipeline.models.base import Batch, ModelAdapter
 from pipeline.models.llava import LlavaAdapter
 from pipeline.models.qwen2_5_vl import Qwen25VLAdapter
@@ -32,7 +33,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on GPUs that support it, float32 elsewhere."""
+    """'auto' is bfloat16 on GPUs that support it, float32 elsewhere; aliases (fp16, bf16, half, ...) are taken."""
+    dtype = canonical_dtype(dtype)  # an unknown name is an error listing the valid ones
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16

@@ -109,6 +109,35 @@ class ModelAdapter(ABC):
     def render_prompt(self, question: str, n_images: int = 1) -> str:
         """The chat-template prompt for one user question with ``n_images`` images, ready to answer."""
 
+    #: Whether :meth:`build_batch` tokenises prompts with the tokenizer's special tokens (LLaVA's processor adds
+    #: them, e.g. the BOS of llava-hf checkpoints; Qwen2.5-VL's chat template already holds its own).
+    prompt_special_tokens: bool = True
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions the language model is built for: ``max_position_embeddings`` of its text config (LLaVA and
+        Qwen2.5-VL: ``text_config``); None when the config names none. Past it a model answers nonsense."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n = getattr(text, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def prompt_lengths(self, questions: Sequence[str], sizes: Sequence[tuple[int, int]]) -> list[int]:
+        """Tokens of each question's prompt with its (width, height) image expanded, as :meth:`build_batch` makes
+        it, from the tokenizer and :meth:`visual_grid` alone (no image is read, no weights are needed).
+
+        Each image placeholder token of the rendered prompt becomes the image's ``grid_h * grid_w`` visual tokens.
+        Qwen2.5-VL's M-RoPE gives an image fewer positions than tokens, so this is an upper bound of its positions.
+        """
+        prompts = [self.render_prompt(q) for q in questions]
+        ids = self.tokenizer(prompts, add_special_tokens=self.prompt_special_tokens)["input_ids"]
+        image_id = int(self.model.config.image_token_id)
+        out = []
+        for row, (width, height) in zip(ids, sizes, strict=True):
+            gh, gw = self.visual_grid(int(width), int(height))
+            out.append(len(row) + row.count(image_id) * (gh * gw - 1))
+        return out
+
     @abstractmethod
     def visual_grid(self, width: int, height: int) -> tuple[int, int]:
         """(grid_h, grid_w) of the visual tokens this model makes for a ``width`` x ``height`` image."""

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from pipeline.config import FieldError
 from pipeline.models.base import Batch, ModelAdapter, Stage2Inputs, left_pad
 from pipeline.models.geometry import (
     Crop,
@@ -50,7 +51,7 @@ class LlavaAdapter(ModelAdapter):
         self.pad_to_square = bool(pad_to_square)
         patch = int(model.config.vision_config.patch_size)
         if crop_size is not None and (int(crop_size) <= 0 or int(crop_size) % patch):
-            raise ValueError(f"crop_size must be a positive multiple of the patch size {patch}, got {crop_size}")
+            raise FieldError("crop_size", f"must be a positive multiple of the patch size {patch} (got {crop_size})")
         self.crop_size = int(crop_size) if crop_size is not None else None
 
     @property

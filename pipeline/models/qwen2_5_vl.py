@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from pipeline.config import FieldError, Resolution
 from pipeline.models.base import Batch, ModelAdapter, Stage2Inputs, left_pad
 from pipeline.models.geometry import (
     Crop,
@@ -44,46 +44,6 @@ from pipeline.models.geometry import (
     source_box_to_grid,
     source_box_to_span,
 )
-
-RESOLUTION_MODES = ("native", "fixed")
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """How images are sized before patching; ``None`` budgets fall back to the image processor's own."""
-
-    mode: str = "native"
-    size: int | None = None  # fixed: side in pixels (a multiple of patch * merge, e.g. 672)
-    min_pixels: int | None = None  # native: pixel budget passed to smart_resize
-    max_pixels: int | None = None
-    pad: bool = False  # fixed only: centre the image on a grey square first (the reference's expand2square)
-
-    def __post_init__(self) -> None:
-        if self.mode not in RESOLUTION_MODES:
-            raise ValueError(f"resolution mode must be one of {RESOLUTION_MODES}, got {self.mode!r}")
-        if self.mode == "fixed" and (self.size is None or self.size <= 0):
-            raise ValueError("resolution mode 'fixed' needs a positive size (e.g. 672)")
-        if self.mode == "native" and self.size is not None:
-            raise ValueError("resolution mode 'native' takes min_pixels/max_pixels, not size")
-        if self.mode == "fixed" and (self.min_pixels is not None or self.max_pixels is not None):
-            raise ValueError("resolution mode 'fixed' takes size, not min_pixels/max_pixels")
-        if not isinstance(self.pad, bool):
-            raise ValueError(f"resolution pad must be true or false, got {self.pad!r}")
-        if self.pad and self.mode != "fixed":
-            raise ValueError("resolution pad: true needs mode 'fixed' (the reference pads, then resizes to the square)")
-
-    @classmethod
-    def parse(cls, spec: Resolution | dict[str, Any] | None) -> Resolution:
-        """From a params.yaml mapping (unknown keys are an error), an instance, or None (native, processor budget)."""
-        if spec is None:
-            return cls()
-        if isinstance(spec, Resolution):
-            return spec
-        known = {"mode", "size", "min_pixels", "max_pixels", "pad"}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"unknown resolution key(s) {unknown}; known: {sorted(known)}")
-        return cls(**spec)
 
 
 class QwenVLProcessor:
@@ -126,6 +86,7 @@ class Qwen25VLAdapter(ModelAdapter):
     """Adapter for Qwen2.5-VL: merged-token grids per image (fixed or native resolution) and M-RoPE positions."""
 
     family = "qwen2_5_vl"
+    prompt_special_tokens = False  # build_batch tokenises without them: the chat template has its own
 
     def __init__(
         self,
@@ -137,7 +98,9 @@ class Qwen25VLAdapter(ModelAdapter):
         super().__init__(model, processor, model_id)
         self.resolution = Resolution.parse(resolution)
         if self.resolution.mode == "fixed" and self.resolution.size % self.factor:
-            raise ValueError(f"fixed resolution size {self.resolution.size} must be a multiple of {self.factor}")
+            raise FieldError(
+                "resolution.size", f"must be a multiple of {self.factor} (patch x merge) (got {self.resolution.size})"
+            )
 
     @classmethod
     def load_processor(cls, path: str | Path) -> QwenVLProcessor:

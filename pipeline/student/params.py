@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import FieldError, check_choice, check_min, check_positive, check_range
+
 
 @dataclass
 class TrainParams:
@@ -23,18 +25,26 @@ class TrainParams:
     holdout_frac: float = 0.02  # kept samples held out for the final loss / fg-bg accuracy
     seed: int = 42
     save_every: int = 50  # steps between resumable training states
-    log_every: int = 10  # steps between log lines (every step is recorded)
+    log_every: int = 10  # steps between log lines, 0 for none (every step is recorded)
     objective: str = "bce"  # bce on tri-state labels (SD-RPN); mse on soft_target (ablation: no label assignment)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # YAML gives a list
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {self.betas}")
-        if self.global_batch < 1 or self.micro_batch < 1 or self.epochs < 1 or self.save_every < 1:
-            raise ValueError("global_batch, micro_batch, epochs and save_every must be >= 1")
-        if not 0 <= self.holdout_frac < 1 or not 0 <= self.warmup_frac < 1:
-            raise ValueError("holdout_frac and warmup_frac must lie in [0, 1)")
-        if self.objective not in ("bce", "mse"):
-            raise ValueError(f"objective must be 'bce' or 'mse', got {self.objective!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise FieldError("betas", f"must be two numbers in [0, 1) (got {list(self.betas)})")
+        check_min("B", self.B, 0)  # whether B + R fits the model is checked against its config by the stage
+        check_min("R", self.R)
+        check_positive("lr", self.lr)
+        check_min("weight_decay", self.weight_decay, 0)
+        check_range("warmup_frac", self.warmup_frac, 0, 1, high_open=True)
+        check_min("epochs", self.epochs)
+        check_min("global_batch", self.global_batch)
+        check_min("micro_batch", self.micro_batch)
+        check_positive("grad_clip", self.grad_clip, optional=True)
         if self.bf16 not in (True, False, "auto"):
-            raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
+            raise FieldError("bf16", f"must be true, false or 'auto' (got {self.bf16!r})")
+        check_range("holdout_frac", self.holdout_frac, 0, 1, high_open=True)
+        check_min("seed", self.seed, 0)  # numpy's seeded generators refuse negative seeds
+        check_min("save_every", self.save_every)
+        check_min("log_every", self.log_every, 0)  # 0: no log lines
+        check_choice("objective", self.objective, ("bce", "mse"))

@@ -1,6 +1,13 @@
-"""Greedy, batched self-responses: the teacher answers each question about its own image."""
+"""Greedy, batched self-responses: the teacher answers each question about its own image.
+
+A sample whose prompt does not fit the model's context is not decoded (past ``max_position_embeddings`` a model
+answers nonsense, with no error): it keeps its row, with an empty response, ``finish_reason`` ``skipped`` and
+the reason in ``skip_reason`` (:func:`context_skips` states the rule).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import pyarrow as pa
 import torch
@@ -19,8 +26,48 @@ RESPONSE_COLUMNS = pa.schema(
         ("response_token_ids", pa.list_(pa.int32())),
         ("finish_reason", pa.string()),
         ("model_id", pa.string()),
+        ("skip_reason", pa.string()),  # null: decoded; else why not (nothing was generated)
     ]
 )
+
+
+def context_skips(
+    adapter: ModelAdapter,
+    questions: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+    new_tokens: int | Sequence[int],
+    what: str = "new tokens",
+) -> list[str | None]:
+    """Why each sample cannot be run within the model's context, None where it fits.
+
+    The rule: a sample runs only if its prompt (chat template, question and the image's visual tokens, counted
+    by :meth:`~pipeline.models.base.ModelAdapter.prompt_lengths`) plus ``new_tokens`` (decode and evaluate:
+    ``max_new_tokens``; dump: the response's own tokens) fits ``context_length`` (the text config's
+    ``max_position_embeddings``). Nothing is truncated: a cut question would be answered as another question.
+    """
+    limit = adapter.context_length
+    if limit is None or not questions:
+        return [None] * len(questions)
+    extra = [new_tokens] * len(questions) if isinstance(new_tokens, int) else list(new_tokens)
+    lengths = adapter.prompt_lengths(questions, sizes)
+    return [
+        None
+        if n + k <= limit
+        else f"prompt past the model's context: {n} prompt tokens + {k} {what} > {limit} (max_position_embeddings)"
+        for n, k in zip(lengths, extra, strict=True)
+    ]
+
+
+def skipped_row(adapter: ModelAdapter, question: str, reason: str) -> dict:
+    """The responses row of a sample that was not decoded: no tokens, ``finish_reason`` ``skipped``."""
+    return {
+        "prompt": adapter.render_prompt(question),
+        "response": "",
+        "response_token_ids": [],
+        "finish_reason": "skipped",
+        "model_id": adapter.model_id,
+        "skip_reason": reason,
+    }
 
 
 @torch.no_grad()
@@ -57,10 +104,15 @@ def response_row(adapter: ModelAdapter, prompt: str, toks: list[int]) -> dict:
 def decode_manifest(
     adapter: ModelAdapter, manifest: pa.Table, params: DecodeParams, parts: PartStore, progress: bool = True
 ) -> pa.Table:
-    """Decode every manifest row in batches; finished batches in ``parts`` are not redone."""
+    """Decode every manifest row in batches; finished batches in ``parts`` are not redone.
+
+    Samples past the model's context (:func:`context_skips`) get a skipped row instead of an answer, and their
+    images are not read.
+    """
     ids = manifest.column("sample_id").to_pylist()
     refs = manifest.column("image").to_pylist()
     questions = manifest.column("question").to_pylist()
+    sizes = list(zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist(), strict=True))
     n_batches = (len(ids) + params.batch_size - 1) // params.batch_size
     bar = tqdm(total=len(ids), desc="decode", unit="sample", disable=not progress, dynamic_ncols=True)
     for b in range(n_batches):
@@ -68,10 +120,18 @@ def decode_manifest(
         if parts.done(b):
             bar.update(hi - lo)
             continue
-        images = load_images(refs[lo:hi], ids[lo:hi])
-        rows = decode_batch(adapter, images, questions[lo:hi], params.max_new_tokens)
-        for sid, row in zip(ids[lo:hi], rows, strict=True):
-            row["sample_id"] = sid
+        reasons = context_skips(adapter, questions[lo:hi], sizes[lo:hi], params.max_new_tokens)
+        run = [lo + i for i, reason in enumerate(reasons) if reason is None]
+        answers = []
+        if run:
+            images = load_images([refs[i] for i in run], [ids[i] for i in run])
+            answers = decode_batch(adapter, images, [questions[i] for i in run], params.max_new_tokens)
+        answered = iter(answers)
+        rows = []
+        for i, reason in zip(range(lo, hi), reasons, strict=True):
+            row = next(answered) if reason is None else skipped_row(adapter, questions[i], reason)
+            row["sample_id"] = ids[i]
+            rows.append(row)
         parts.write(b, pa.Table.from_pylist(rows, schema=RESPONSE_COLUMNS))
         bar.update(hi - lo)
     bar.close()

@@ -10,6 +10,7 @@ from pipeline.io.attention_store import AttentionStoreWriter
 from pipeline.io.images import load_images
 from pipeline.models.base import ModelAdapter
 from pipeline.teacher.attention_capture import capture_attention
+from pipeline.teacher.decode import context_skips
 from pipeline.teacher.params import DumpParams
 
 
@@ -27,6 +28,40 @@ def join_responses(manifest: pa.Table, responses: pa.Table) -> list[list[int]]:
     if missing:
         raise ValueError(f"responses: no response for sample(s) {missing[:5]} ({len(missing)} in all); rerun decode")
     return [by_id[s] for s in ids]
+
+
+def select_samples(adapter: ModelAdapter, manifest: pa.Table, responses: pa.Table) -> tuple[pa.Table, dict[str, str]]:
+    """The manifest rows the dump can run (manifest order), and ``{sample_id: reason}`` for those it leaves out.
+
+    Left out: the samples decode skipped (their ``skip_reason``), and any whose prompt plus its response tokens
+    does not fit the model's context (:func:`~pipeline.teacher.decode.context_skips`; only responses made with
+    another model or context can get there). Needs the tokenizer and the view geometry only, no weights.
+    """
+    response_ids = join_responses(manifest, responses)
+    ids = manifest.column("sample_id").to_pylist()
+    decoded = {}
+    if "skip_reason" in responses.column_names:  # responses from before the column have no skips
+        decoded = {
+            s: r
+            for s, r in zip(
+                responses.column("sample_id").to_pylist(), responses.column("skip_reason").to_pylist(), strict=True
+            )
+            if r is not None
+        }
+    skipped = {s: f"decode: {decoded[s]}" for s in ids if s in decoded}
+    rest = [i for i, s in enumerate(ids) if s not in decoded]
+    questions = manifest.column("question").to_pylist()
+    sizes = list(zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist(), strict=True))
+    reasons = context_skips(
+        adapter,
+        [questions[i] for i in rest],
+        [sizes[i] for i in rest],
+        [len(response_ids[i]) for i in rest],
+        what="response tokens",
+    )
+    skipped.update({ids[i]: r for i, r in zip(rest, reasons, strict=True) if r is not None})
+    keep = [i for i, s in enumerate(ids) if s not in skipped]
+    return manifest.take(keep), {s: skipped[s] for s in ids if s in skipped}
 
 
 def max_visual_tokens(adapter: ModelAdapter, manifest: pa.Table) -> int:

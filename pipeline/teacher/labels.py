@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import FieldError, check_choice, check_indices, check_min, check_range
 from pipeline.inference.roi import smooth
 from pipeline.io.attention_store import AttentionStore, Block, open_attention_store
 from pipeline.io.contracts import write_parquet
@@ -78,14 +79,35 @@ class LabelParams:
     mask_known_bg: bool = False
 
     def __post_init__(self) -> None:
-        if self.sink_method not in SINK_METHODS:
-            raise ValueError(f"sink_method must be one of {SINK_METHODS}, got {self.sink_method!r}")
-        if self.map_dtype not in MAP_DTYPES:
-            raise ValueError(f"map_dtype must be one of {MAP_DTYPES}, got {self.map_dtype!r}")
+        check_indices("layers", self.layers, optional=True, what="layer indices")
+        if isinstance(self.heads, dict):
+            if not self.heads:
+                raise FieldError("heads", "a per-layer mapping needs at least one layer (or null for all heads)")
+            check_indices("heads", list(self.heads), what="layer indices")
+            for layer, heads in self.heads.items():
+                check_indices(f"heads.{layer}", heads, what="head indices")
+            missing = sorted(set(self.layers or ()) - set(self.heads))
+            if missing:  # each label layer needs its head list (extra layers in heads are left out)
+                raise FieldError("heads", f"has no head list for layer(s) {missing} of layers {self.layers}")
+        else:
+            check_indices("heads", self.heads, optional=True, what="head indices")
+        check_choice("sink_method", self.sink_method, SINK_METHODS)
+        # 0 is allowed (every visual token a sink): tests and ablations use it
+        check_min("sink_norm_factor", self.sink_norm_factor, 0)
+        check_min("sink_norm_abs", self.sink_norm_abs, 0, optional=True)
+        check_min("sink_norm_layer", self.sink_norm_layer, 0, optional=True)
+        check_min("sink_attn_layer", self.sink_attn_layer, 0, optional=True)
+        check_indices("sink_attn_heads", self.sink_attn_heads, optional=True, what="head indices")
+        check_range("sink_attn_threshold", self.sink_attn_threshold, 0, 1)  # attention weights are probabilities
         if self.sink_method == "attention" and self.sink_attn_layer is None:
-            raise ValueError("sink_method 'attention' needs sink_attn_layer")
-        if not (0 <= self.tau_bg <= 1 and 0 <= self.tau_fg <= 1):
-            raise ValueError(f"tau_fg/tau_bg must lie in [0, 1], got {self.tau_fg}/{self.tau_bg}")
+            raise FieldError("sink_attn_layer", "sink_method 'attention' needs sink_attn_layer (got None)")
+        check_range("tau_fg", self.tau_fg, 0, 1)
+        check_range("tau_bg", self.tau_bg, 0, 1)
+        if self.tau_bg > self.tau_fg:  # background must lie below foreground, or tokens could be both
+            raise FieldError("tau_bg", f"must be <= tau_fg ({self.tau_fg}) (got {self.tau_bg})")
+        check_range("max_box_frac", self.max_box_frac, 0, 1, low_open=True, optional=True)
+        check_range("min_a_max", self.min_a_max, 0, 1, optional=True)
+        check_choice("map_dtype", self.map_dtype, MAP_DTYPES)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> LabelParams:

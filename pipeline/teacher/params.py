@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.config import check_indices, check_min
+
 
 @dataclass
 class DecodeParams:
@@ -13,8 +15,8 @@ class DecodeParams:
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        check_min("batch_size", self.batch_size)
+        check_min("max_new_tokens", self.max_new_tokens)
 
 
 @dataclass
@@ -36,7 +38,7 @@ class DumpParams:
     chunk_samples: int = 256
 
     def __post_init__(self) -> None:
-        if not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers must be distinct decoder layer indices >= 0, got {self.layers}")
-        if self.batch_size < 1 or self.chunk_samples < 1:
-            raise ValueError("batch_size and chunk_samples must be >= 1")
+        # a repeated layer would get one store slot written twice and one left all zero
+        check_indices("layers", self.layers, what="decoder layer indices")
+        check_min("batch_size", self.batch_size)
+        check_min("chunk_samples", self.chunk_samples)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import STRICT_KEYS
+from pipeline.config import STRICT_KEYS, FieldError, check_choice, check_min, check_pair, check_range
 
 # fmt: off
 _FONT_ROWS: dict[str, tuple[str, ...]] = {
@@ -111,6 +111,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 95, 180),
 }
 
+GLYPH_STYLES = ("texture", "checker", "solid")
+
 QUESTION_WORDS: tuple[str, ...] = ("what", "is", "in", "the", "box", "?")
 
 Box = tuple[int, int, int, int]
@@ -147,6 +149,40 @@ class WorldParams:
     noise_std: float = 3.0  # per-pixel grey noise, std in 8-bit levels (truncated at NOISE_CLIP std)
     colours: tuple[str, ...] = tuple(COLOURS)
 
+    def __post_init__(self) -> None:
+        check_min("canvas", self.canvas)
+        check_min("grid", self.grid)
+        if self.canvas % self.grid:  # frames and glyphs are laid out on whole cells of the token grid
+            raise FieldError("canvas", f"must be a multiple of grid {self.grid} (got {self.canvas})")
+        check_min("min_frames", self.min_frames)
+        if not self.max_frames >= self.min_frames:
+            raise FieldError("max_frames", f"must be >= min_frames {self.min_frames} (got {self.max_frames})")
+        if not self.frame_cells or not all(isinstance(c, int) and 1 <= c <= self.grid for c in self.frame_cells):
+            raise FieldError(
+                "frame_cells", f"must list frame sides in cells, each in [1, {self.grid}] (got {self.frame_cells!r})"
+            )
+        check_min("border_px", self.border_px, 0)
+        check_range("paper", self.paper, 0, 255)
+        check_range("tint", self.tint, 0, 1)
+        check_choice("glyph_style", self.glyph_style, GLYPH_STYLES)
+        check_min("glyph_scale", self.glyph_scale)
+        check_min("texture_px", self.texture_px, 10)  # texture_pattern: even sides >= 10 px
+        if self.texture_px % 2:
+            raise FieldError(
+                "texture_px", f"must be even, so 2x2 tiles stay on the base view's pixels (got {self.texture_px})"
+            )
+        check_pair("glyph_contrast", self.glyph_contrast)
+        check_range("glyph_dc", self.glyph_dc, 0, 1)
+        check_pair("distractor_frames", self.distractor_frames)
+        check_pair("stray_glyphs", self.stray_glyphs)
+        check_pair("clutter_shapes", self.clutter_shapes)
+        check_min("noise_std", self.noise_std, 0)
+        unknown = [c for c in self.colours if c not in COLOURS]
+        if not self.colours or unknown or len(set(self.colours)) != len(self.colours):
+            raise FieldError(
+                "colours", f"must name distinct frame colours of {list(COLOURS)} (got {list(self.colours)!r})"
+            )
+
     @property
     def cell(self) -> int:
         """Source pixels per token cell."""
@@ -171,10 +207,19 @@ class WorldSection:
     generator: WorldParams = field(default_factory=WorldParams)
 
     def __post_init__(self) -> None:
-        if self.n_train < 1 or self.n_eval < 1:
-            raise ValueError("n_train and n_eval must be >= 1")
+        check_min("n_train", self.n_train)
+        check_min("n_eval", self.n_eval)
+        check_min("seed_train", self.seed_train, 0)  # numpy's seeded generators refuse negative seeds
+        check_min("seed_eval", self.seed_eval, 0)
         if self.seed_train == self.seed_eval:
-            raise ValueError(f"seed_train and seed_eval must differ (both {self.seed_train}): the splits would overlap")
+            raise FieldError(
+                "seed_eval", f"must differ from seed_train (both {self.seed_train}): the splits would overlap"
+            )
+        if not self.train_dir.strip() or not self.eval_dir.strip() or self.train_dir == self.eval_dir:
+            raise FieldError(
+                "eval_dir",
+                f"train_dir and eval_dir must be two different folders (got {self.train_dir!r}, {self.eval_dir!r})",
+            )
 
     def split(self, name: str) -> tuple[int, int]:
         """(number of samples, seed) of the ``train`` or ``eval`` split."""
