@@ -198,14 +198,11 @@ def test_two_partstores_on_one_work_dir_second_fails_at_once_naming_it(tmp_path)
         assert parts.n_done() == 0
 
 
-def _decode_project(tmp_path: Path, records_jsonl: Path) -> list[str]:
-    """A manifest, a params file and a model dir decode fingerprints (and cannot load: no model is needed)."""
+def _decode_project(tmp_path: Path, records_jsonl: Path, model: Path) -> list[str]:
+    """A manifest and a params file for decode on ``model`` (a tiny saved model: its config passes the checks)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"]["input"] = str(records_jsonl)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    params["model"]["path"] = str(model)
+    params["model"].update(path=str(model), device="cpu", dtype="float32")
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params))
     man, skips = tmp_path / "manifest.parquet", tmp_path / "skips.parquet"
@@ -214,11 +211,19 @@ def _decode_project(tmp_path: Path, records_jsonl: Path) -> list[str]:
     return [str(man), str(tmp_path / "responses.parquet"), "--params", str(params_path), "--no-progress"]
 
 
-def test_second_decode_on_a_work_dir_in_use_stops_before_loading_the_model(tmp_path, records_jsonl):
-    args = _decode_project(tmp_path, records_jsonl)
+def test_second_decode_on_a_work_dir_in_use_stops_before_loading_the_model(
+    tmp_path, records_jsonl, toy_dir, monkeypatch
+):
+    import stages.decode
+
+    def no_loading(*args, **kwargs):
+        raise RuntimeError("weights not loaded in this test")
+
+    monkeypatch.setattr(stages.decode, "load_adapter", no_loading)
+    args = _decode_project(tmp_path, records_jsonl, toy_dir)
     work = tmp_path / "work"
     first = CliRunner().invoke(main, ["decode", *args, "--work-dir", str(work)])
-    assert first.exit_code != 0  # the model dir is a stub; what matters is the job dir it opened
+    assert first.exit_code != 0  # it cannot load the model; what matters is the job dir it opened
     (job,) = work.glob("decode-*")
     holder = _holder("parts", str(work), job.name.removeprefix("decode-"))
     try:
