@@ -105,7 +105,7 @@ def _rerecord(g, chunk_file, name, c):
     """Record the checksum of a chunk file as it is now (so the test reaches the checks behind the checksums)."""
     data = chunk_file.read_bytes()
     sums = dict(g.attrs["chunk_checksums"])
-    sums[str(c)] = {**sums[str(c)], name: [len(data), hashlib.sha256(data).hexdigest()]}
+    sums[name] = [*sums[name][:c], f"{len(data)}:{hashlib.sha256(data).hexdigest()}", *sums[name][c + 1 :]]
     g.attrs["chunk_checksums"] = sums
 
 

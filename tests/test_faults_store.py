@@ -176,7 +176,10 @@ def _partial_store(path: Path) -> Path:
 @pytest.mark.parametrize(
     "done, message",
     [
-        ([0, 1, 2], r"attrs claim chunk 1 \(samples 256\.\.511\) finished but record no checksums for it"),
+        (
+            [0, 1, 2],
+            r"attrs claim chunk 1 \(samples 256\.\.511\) finished but record no checksum of array 'sample_id' for it",
+        ),
         ([0, 2, 3], r"attrs claim chunk 3 finished but the store has chunks 0\.\.2"),
         ([0, 2], r"complete but chunk 1 \(samples 256\.\.511\) is not finished"),
     ],

@@ -161,10 +161,15 @@ class AttentionStoreWriter:
         self.max_visual = int(group["attention"].shape[-1])
         self.n_chunks = -(-self.n_samples // self.chunk_samples)
         self._done: set[int] = set(attrs.get("done_chunks", []))
-        self._checksums: dict[str, dict[str, list]] = dict(attrs.get("chunk_checksums", {}))
         self._arrays = {
             name: group[name].with_config(_WRITE_EVERY_CHUNK) for name in (*ARRAYS, *OPTIONAL_ARRAYS) if name in group
         }
+        # {array: ["<bytes>:<sha256 hex>" or None per chunk]}
+        recorded = attrs.get("chunk_checksums", {})
+        self._checksums: dict[str, list[str | None]] = {}
+        for name in self._arrays:
+            entries = list(recorded.get(name) or [])
+            self._checksums[name] = entries if len(entries) == self.n_chunks else [None] * self.n_chunks
         self.has_known_bg = "known_bg" in self._arrays
         # chunk index -> (row buffers, filled mask) for chunks that are only partly supplied so far
         self._pending: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
@@ -228,7 +233,8 @@ class AttentionStoreWriter:
             chunk_samples=chunk_samples,
             complete=False,
             done_chunks=[],
-            chunk_checksums={},
+            # {array: one "<bytes>:<sha256 hex>" per chunk}, None until the chunk is finished (_record_chunk)
+            chunk_checksums={name: [None] * -(-n_samples // chunk_samples) for name in group.array_keys()},
         )
         group.update_attributes(meta)
         if path.exists():
@@ -322,31 +328,32 @@ class AttentionStoreWriter:
     def _chunk_file(self, name: str, c: int) -> Path:
         return self.path / _chunk_key(self._arrays[name], c)
 
-    def _file_checksum(self, name: str, c: int) -> list | None:
+    def _file_checksum(self, name: str, c: int) -> str | None:
         try:
             data = self._chunk_file(name, c).read_bytes()
         except FileNotFoundError:
             return None
-        return [len(data), _sha256(data)]
+        return _checksum_entry(len(data), _sha256(data))
 
     def _record_chunk(self, c: int) -> None:
         """Mark chunk ``c`` done with the size and sha256 of each array's chunk file, in one attrs write."""
-        sums = {}
         for name in self._arrays:
-            sums[name] = self._file_checksum(name, c)
-            if sums[name] is None:
+            entry = self._file_checksum(name, c)
+            if entry is None:
                 raise ContractError(f"{self.path}: array {name!r} chunk {c} was written but has no file")
+            self._checksums[name][c] = entry
         # Recorded only after every array holds the chunk: this is the crash-safety point.
         self._done.add(c)
-        self._checksums[str(c)] = sums
         self._group.update_attributes({"done_chunks": sorted(self._done), "chunk_checksums": self._checksums})
 
+    def _intact(self, c: int) -> bool:
+        """Whether every array's file of chunk ``c`` has the size and sha256 recorded for it."""
+        return c < self.n_chunks and all(
+            (want := self._checksums[k][c]) is not None and want == self._file_checksum(k, c) for k in self._arrays
+        )
+
     def _recheck_done(self) -> None:
-        bad = []
-        for c in sorted(self._done):
-            sums = self._checksums.get(str(c), {})
-            if c >= self.n_chunks or any(sums.get(k) != self._file_checksum(k, c) for k in self._arrays):
-                bad.append(c)
+        bad = [c for c in sorted(self._done) if not self._intact(c)]
         if bad:
             what = ", ".join(f"chunk {c} {_samples(c, self.chunk_samples, self.n_samples)}" for c in bad)
             warnings.warn(
@@ -354,8 +361,10 @@ class AttentionStoreWriter:
                 stacklevel=3,
             )
             self._done -= set(bad)
-            for c in bad:
-                self._checksums.pop(str(c), None)
+            for entries in self._checksums.values():
+                for c in bad:
+                    if c < self.n_chunks:
+                        entries[c] = None
             self._group.update_attributes(
                 {"done_chunks": sorted(self._done), "chunk_checksums": self._checksums, "complete": False}
             )
@@ -584,20 +593,22 @@ def _expected_chunks(
                 raise ContractError(f"{path}: complete but chunk {c} {_samples(c, chunks, n)} is not finished")
     expected = {}
     for c in sorted(done):
-        rec = sums.get(str(c))
-        if not isinstance(rec, dict):
-            raise ContractError(
-                f"{path}: attrs claim chunk {c} {_samples(c, chunks, n)} finished but record no checksums for it"
-            )
         for name, arr in arrays.items():
-            entry = rec.get(name)
-            if not (isinstance(entry, list) and len(entry) == 2):
+            entries = sums.get(name) or []
+            entry = entries[c] if len(entries) == n_chunks else None
+            size, _, digest = str(entry).partition(":")
+            if entry is None or not size.isdigit() or len(digest) != 64:
                 raise ContractError(
                     f"{path}: attrs claim chunk {c} {_samples(c, chunks, n)} finished but record no checksum of "
                     f"array {name!r} for it"
                 )
-            expected[_chunk_key(arr, c)] = (name, c, int(entry[0]), str(entry[1]))
+            expected[_chunk_key(arr, c)] = (name, c, int(size), digest)
     return expected
+
+
+def _checksum_entry(size: int, digest: str) -> str:
+    # One string per chunk and array keeps the attrs JSON small: it is rewritten after every finished chunk.
+    return f"{size}:{digest}"
 
 
 def _samples(c: int, chunk_samples: int, n: int) -> str:
