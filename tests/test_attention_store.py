@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import zarr
@@ -99,6 +101,14 @@ def _finished_store(path):
     return zarr.open_group(str(path), mode="r+")
 
 
+def _rerecord(g, chunk_file, name, c):
+    """Record the checksum of a chunk file as it is now (so the test reaches the checks behind the checksums)."""
+    data = chunk_file.read_bytes()
+    sums = dict(g.attrs["chunk_checksums"])
+    sums[name] = [*sums[name][:c], f"{len(data)}:{hashlib.sha256(data).hexdigest()}", *sums[name][c + 1 :]]
+    g.attrs["chunk_checksums"] = sums
+
+
 def test_validation_errors(tmp_path):
     g = _finished_store(tmp_path / "v.zarr")
     g.attrs["version"] = 99
@@ -117,7 +127,10 @@ def test_validation_errors(tmp_path):
     assert open_attention_store(tmp_path / "c.zarr", require_complete=False).n_samples == 300
 
     g = _finished_store(tmp_path / "g.zarr")
-    g["grid"][7] = [5, 5]  # 25 > max_visual 20
+    g["grid"][7] = [5, 5]  # 25 > max_visual 20, written behind the writer's back: the chunk no longer matches
+    with pytest.raises(ContractError, match=r"array 'grid' chunk 0 \(samples 0\.\.255, ids 'id-0'\.\.'id-255'\) is"):
+        open_attention_store(tmp_path / "g.zarr")
+    _rerecord(g, tmp_path / "g.zarr" / "grid" / "c" / "0" / "0", "grid", 0)  # as a writer not checking grids would
     with pytest.raises(ContractError, match="id-7"):
         open_attention_store(tmp_path / "g.zarr")
 

@@ -131,12 +131,33 @@ def _ids_where(table: pa.Table, mask: pa.ChunkedArray) -> list:
     return [i for i, m in enumerate(mask.to_pylist()) if m][:5]
 
 
+def _unreadable(path: str | os.PathLike, exc: Exception) -> ContractError:
+    """The error for a Parquet file pyarrow cannot read: pyarrow's own message does not say which file."""
+    if isinstance(exc, FileNotFoundError) or not Path(path).exists():
+        return ContractError(f"{path}: no such file")
+    return ContractError(f"{path}: not a readable Parquet file ({exc})")
+
+
+def _read_schema(path: str | os.PathLike) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Return the ``sdrpn`` metadata (schema, version, params, inputs) of a Parquet artifact."""
-    meta = pq.read_schema(path).metadata or {}
+    return _sdrpn_metadata(path, _read_schema(path))
+
+
+def _sdrpn_metadata(path: str | os.PathLike, file_schema: pa.Schema) -> dict[str, Any]:
+    meta = file_schema.metadata or {}
     if METADATA_KEY not in meta:
         raise ContractError(f"{path}: no sdrpn metadata; not written by this pipeline")
-    return json.loads(meta[METADATA_KEY])
+    try:
+        return json.loads(meta[METADATA_KEY])
+    except ValueError as exc:
+        raise ContractError(f"{path}: sdrpn metadata is not JSON ({exc})") from exc
 
 
 def write_parquet(
@@ -171,7 +192,8 @@ def write_parquet(
 def read_parquet(path: str | os.PathLike, schema_name: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet artifact, checking its recorded schema name/version and its columns."""
     schema = load_schema(schema_name)
-    meta = read_metadata(path)
+    file_schema = _read_schema(path)
+    meta = _sdrpn_metadata(path, file_schema)
     if meta.get("schema") != schema.name:
         raise ContractError(f"{path}: is a {meta.get('schema')!r} artifact, expected {schema.name!r}")
     if int(meta.get("version", -1)) != schema.version:
@@ -179,7 +201,13 @@ def read_parquet(path: str | os.PathLike, schema_name: str, columns: list[str] |
             f"{path}: {schema.name} schema version {meta.get('version')} but this code reads v{schema.version}; "
             "rerun the stage that makes it"
         )
-    table = pq.read_table(path, columns=columns)
+    absent = [c for c in columns or () if c not in file_schema.names]
+    if absent:
+        raise ContractError(f"{path}: missing column(s) {absent} ({schema.name} v{schema.version})")
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:  # a footer that reads but damaged pages, or a file gone since
+        raise _unreadable(path, exc) from exc
     if columns is None:
         validate_table(table, schema, str(path))
     else:

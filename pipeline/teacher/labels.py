@@ -469,19 +469,26 @@ def label_block(
     and with ``mask_known_bg`` the store's padding tokens (``known_bg``; None when the store has none).
 
     The ``label`` stage writes exactly these labels; reports and inspection call this too, so they see them.
+    A value error (a non-finite value, a bad grid, a layer the store lacks) is raised again naming the store.
     """
-    return assign_labels(
-        block.attention,
-        block.hidden_norm,
-        block.grid,
-        block.sample_ids,
-        params,
-        store_layers=store.layers,
-        store_heads=store.heads,
-        n_response=block.n_response,
-        known_bg=block.known_bg if params.mask_known_bg else None,
-        return_maps=return_maps,
-    )
+    try:
+        return assign_labels(
+            block.attention,
+            block.hidden_norm,
+            block.grid,
+            block.sample_ids,
+            params,
+            store_layers=store.layers,
+            store_heads=store.heads,
+            n_response=block.n_response,
+            known_bg=block.known_bg if params.mask_known_bg else None,
+            return_maps=return_maps,
+        )
+    except ValueError as exc:
+        if type(exc) is not ValueError:  # subclasses (ContractError, ParamsError) already say what they concern
+            raise
+        # assign_labels names the sample and field; the store is the file a user has to go and look at.
+        raise ValueError(f"{store.path}: {exc}") from exc
 
 
 def labels_table(out: dict[str, np.ndarray], sample_ids: np.ndarray) -> pa.Table:
