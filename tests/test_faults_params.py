@@ -132,7 +132,7 @@ BAD = [
     ("label", "max_box_frac", 0, "label.max_box_frac: must lie in (0, 1] (got 0.0)"),
     ("label", "min_a_max", 2, "label.min_a_max: must lie in [0, 1] (got 2.0)"),
     ("label", "sink_norm_factor", -1, "label.sink_norm_factor: must be >= 0 (got -1.0)"),
-    ("label", "sink_attn_threshold", 1.5, "label.sink_attn_threshold: must lie in [0, 1] (got 1.5)"),
+    ("label", "sink_attn_threshold", -0.1, "label.sink_attn_threshold: must be >= 0 (got -0.1)"),
     ("label", "sink_norm_layer", -2, "label.sink_norm_layer: must be >= 0 (got -2)"),
     ("label", "layers", [3, 3], "label.layers: layer indices must be distinct; [3] repeated (got [3, 3])"),
     (

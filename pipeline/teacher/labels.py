@@ -98,7 +98,8 @@ class LabelParams:
         check_min("sink_norm_layer", self.sink_norm_layer, 0, optional=True)
         check_min("sink_attn_layer", self.sink_attn_layer, 0, optional=True)
         check_indices("sink_attn_heads", self.sink_attn_heads, optional=True, what="head indices")
-        check_range("sink_attn_threshold", self.sink_attn_threshold, 0, 1)  # attention weights are probabilities
+        # >= 0 only: on real attention (probabilities) a value above 1 finds no sink, but stores of other scales exist
+        check_min("sink_attn_threshold", self.sink_attn_threshold, 0)
         if self.sink_method == "attention" and self.sink_attn_layer is None:
             raise FieldError("sink_attn_layer", "sink_method 'attention' needs sink_attn_layer (got None)")
         check_range("tau_fg", self.tau_fg, 0, 1)
