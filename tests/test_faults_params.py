@@ -130,7 +130,7 @@ BAD = [
     ("label", "tau_bg", 0.5, "label.tau_bg: must be <= tau_fg (0.2) (got 0.5)"),
     ("label", "tau_fg", -0.1, "label.tau_fg: must lie in [0, 1] (got -0.1)"),
     ("label", "max_box_frac", 0, "label.max_box_frac: must lie in (0, 1] (got 0.0)"),
-    ("label", "min_a_max", 2, "label.min_a_max: must lie in [0, 1] (got 2.0)"),
+    ("label", "min_a_max", -1, "label.min_a_max: must be >= 0 (got -1.0)"),
     ("label", "sink_norm_factor", -1, "label.sink_norm_factor: must be >= 0 (got -1.0)"),
     ("label", "sink_attn_threshold", -0.1, "label.sink_attn_threshold: must be >= 0 (got -0.1)"),
     ("label", "sink_norm_layer", -2, "label.sink_norm_layer: must be >= 0 (got -2)"),

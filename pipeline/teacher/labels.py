@@ -107,7 +107,7 @@ class LabelParams:
         if self.tau_bg > self.tau_fg:  # background must lie below foreground, or tokens could be both
             raise FieldError("tau_bg", f"must be <= tau_fg ({self.tau_fg}) (got {self.tau_bg})")
         check_range("max_box_frac", self.max_box_frac, 0, 1, low_open=True, optional=True)
-        check_range("min_a_max", self.min_a_max, 0, 1, optional=True)
+        check_min("min_a_max", self.min_a_max, 0, optional=True)  # >= 0 only, as sink_attn_threshold
         check_choice("map_dtype", self.map_dtype, MAP_DTYPES)
 
     @classmethod
