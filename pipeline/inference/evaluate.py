@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.inference.params import EvalParams
-from pipeline.inference.roi import RoI, RoIParams
+from pipeline.inference.roi import RoI
 from pipeline.inference.scoring import score
 from pipeline.inference.two_stage import Stage1Output, two_stage_batch
 from pipeline.io.images import load_images
@@ -216,7 +216,7 @@ def _answer(
     for name, rpn in rpns.items():
         for mode in params.modes if name == main else ["masked"]:
             method = f"{name}_{mode}"
-            roi_params = RoIParams(**{**params.roi, "mode": mode})
+            roi_params = params.roi_params(mode)
             t0 = time.perf_counter()
             results[method] = two_stage_batch(
                 adapter, images, questions, rpn_maps(rpn, params.reuse_prefix), roi_params, params.max_new_tokens
@@ -232,7 +232,7 @@ def _answer(
             params.raw_attention_layers,
             params.raw_attention_last_prompt,
         )
-        roi_params = RoIParams(**{**params.roi, "mode": "masked", "tau": params.raw_attention_tau})
+        roi_params = params.roi_params("masked", tau=params.raw_attention_tau)
         results["raw_attention"] = two_stage_batch(adapter, images, questions, maps, roi_params, params.max_new_tokens)
         # it needs the baseline answer first, so its cost includes the baseline's
         seconds["raw_attention"] += time.perf_counter() - t0 + t_base

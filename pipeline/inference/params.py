@@ -46,6 +46,10 @@ class EvalParams:
         check_range("raw_attention_tau", self.raw_attention_tau, 0, 1)
         check_min("crop_size", self.crop_size, optional=True)  # a multiple of the patch: checked by the adapter
 
+    def roi_params(self, mode: UpscaleMode, **overrides: Any) -> RoIParams:
+        """The RoI settings of one method: the ``roi`` overrides, its upscaling ``mode`` and any ``overrides``."""
+        return RoIParams(**{**self.roi, "mode": mode, **overrides})
+
 
 @dataclass
 class InferenceSettings:
@@ -60,8 +64,7 @@ class InferenceSettings:
     @classmethod
     def from_eval(cls, params: EvalParams) -> InferenceSettings:
         """The settings of evaluate's main method: its RoI overrides and its first upscaling mode."""
-        roi = RoIParams(**{**params.roi, "mode": params.modes[0]})
-        return cls(roi, params.max_new_tokens, params.crop_size, params.reuse_prefix)
+        return cls(params.roi_params(params.modes[0]), params.max_new_tokens, params.crop_size, params.reuse_prefix)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
