@@ -2,18 +2,18 @@
 
 Read from lmms-eval (github.com/EvolvingLMMs-Lab/lmms-eval), ``lmms_eval/tasks/<task>/``, at these commits:
 
-=========== ================================================================ =========================================
-benchmark   task YAML (``lmms_eval_specific_kwargs``, ``generation_kwargs``)   ``doc_to_text``
-=========== ================================================================ =========================================
-textvqa     textvqa/_default_template_textvqa_yaml @2eeb7189c1dd              textvqa/utils.py @e39bd9316ed7
-docvqa      docvqa/_default_template_docvqa_yaml @3f426f262334                docvqa/utils.py @008ddc83c2b5
-infovqa     infovqa/_default_template_infovqa_yaml @471d28df902d              infovqa/utils.py @2bb5e9852537
-chartqa     chartqa/chartqa.yaml @38eb0f316ce9, chartqa100.yaml @20c66d853586 chartqa/utils.py @2bb5e9852537
-ocrbench    ocrbench/ocrbench.yaml @40e89c0516cf                              ocrbench/utils.py @cf94793bd62d
-pope        pope/pope.yaml @2bb5e9852537                                      pope/utils.py (lmms_eval_specific_kwargs)
-vstar       vstar_bench/_default_template_yaml @2bb5e9852537                  vstar_bench/utils.py @59e9c32634f5
+============ ================================================================== ==================================
+benchmark    task YAML (lmms_eval_specific_kwargs, generation_kwargs)           doc_to_text
+============ ================================================================== ==================================
+textvqa      textvqa/_default_template_textvqa_yaml @2eeb7189c1dd               textvqa/utils.py @e39bd9316ed7
+docvqa       docvqa/_default_template_docvqa_yaml @3f426f262334                 docvqa/utils.py @008ddc83c2b5
+infovqa      infovqa/_default_template_infovqa_yaml @471d28df902d               infovqa/utils.py @2bb5e9852537
+chartqa      chartqa/chartqa.yaml @38eb0f316ce9, chartqa100.yaml @20c66d853586  chartqa/utils.py @2bb5e9852537
+ocrbench     ocrbench/ocrbench.yaml @40e89c0516cf                               ocrbench/utils.py @cf94793bd62d
+pope         pope/pope.yaml @2bb5e9852537                                       pope/utils.py (kwargs version)
+vstar        vstar_bench/_default_template_yaml @2bb5e9852537                   vstar_bench/utils.py @59e9c32634f5
 hrbench4k/8k hrbench/hrbench4k.yaml @fd7e12a7b787, hrbench8k.yaml @672508beb977 hrbench/utils.py @161c7a170643
-=========== ================================================================ =========================================
+============ ================================================================== ==================================
 
 Which ``lmms_eval_specific_kwargs`` entry a model gets: ``simple_evaluate`` builds ``TaskManager(model_name=<the
 --model argument>)`` (evaluator.py @03cbb1f363ad) and ``ConfigurableTask._prepare_model_specific_config``
