@@ -1,4 +1,5 @@
-"""prepare: build the manifest (and the list of skipped samples) from LLaVA's mix JSON or plain records."""
+"""prepare: build the manifest (and the list of skipped samples) from LLaVA's mix JSON, plain records or a
+benchmark's distributed files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from pipeline.benchmarks import BENCHMARKS
+from pipeline.benchmarks.formats import benchmark_records
 from pipeline.io.contracts import write_parquet
 from pipeline.io.manifest import InputError, PrepareParams, build_manifest, records_from_params
 from stages.common import fingerprints, params_option, writes
@@ -25,7 +28,12 @@ def prepare(manifest_out: Path, skips_out: Path, params_path: Path, section_name
     """Write MANIFEST_OUT (samples with readable images) and SKIPS_OUT (samples skipped, with reasons)."""
     p = section(params_path, section_name, PrepareParams)
     try:
-        manifest, skips = build_manifest(records_from_params(p))
+        if p.format in BENCHMARKS:
+            # embedded images (Parquet bytes, base64) are written once, next to the manifest
+            records = benchmark_records(p, manifest_out.parent / "images")
+        else:
+            records = records_from_params(p)
+        manifest, skips = build_manifest(records)
     except InputError as exc:
         raise click.ClickException(str(exc)) from None
     if manifest.num_rows == 0:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.benchmarks import BENCHMARKS
 from pipeline.io.images import error_text, probe_image
 
 MANIFEST_COLUMNS = pa.schema(
@@ -78,11 +79,13 @@ class Record:
 class PrepareParams:
     """params.yaml ``prepare`` / ``prepare_eval``: which records become the manifest."""
 
-    format: Literal["records", "llava_mix"] = "records"  # records: JSONL/Parquet; llava_mix: LLaVA's mix665k JSON
+    # records: JSONL/Parquet; llava_mix: LLaVA's mix665k JSON; a benchmark name (docvqa, pope, ...): its lmms-lab
+    # Parquet or original files (pipeline.benchmarks.formats.benchmark_records, which the stage calls)
+    format: Literal[("records", "llava_mix", *BENCHMARKS)] = "records"  # type: ignore[valid-type]
     input: str = ""
     image_root: str | None = None  # relative image paths resolve here (records default: the file's own dir)
     sources: list[str] | None = None  # llava_mix: keep these image sources, e.g. [gqa, ocr_vqa]
-    n: int | None = None  # keep the first n (llava_mix: after a seeded shuffle)
+    n: int | None = None  # keep the first n (llava_mix: after a seeded shuffle; benchmarks: records, skips included)
     seed: int = 42
     allow_outside_root: bool = False  # accept image paths that leave the image root ('..', absolute paths, URLs)
 
@@ -97,6 +100,9 @@ class PrepareParams:
 
 def records_from_params(params: PrepareParams) -> list[Record]:
     """The candidate records that ``params`` names, before their images are checked."""
+    if params.format in BENCHMARKS:
+        # benchmarks write their embedded images somewhere: the stage names the place (benchmark_records)
+        raise ValueError(f"format {params.format!r}: read it with pipeline.benchmarks.formats.benchmark_records")
     if params.format == "llava_mix":
         return records_from_llava_mix(
             params.input, params.image_root, params.sources, params.n, params.seed, params.allow_outside_root
