@@ -21,7 +21,8 @@ from pipeline.benchmarks.scorers import (
     relaxed_correctness,
     vstar_letter,
 )
-from pipeline.inference.scoring import vqa_soft as old_vqa_soft
+from pipeline.inference.scoring import normalize as simplified_normalize
+from pipeline.inference.scoring import vqa_soft as evaluate_vqa_soft
 
 
 def _doc(**fields) -> dict:
@@ -98,6 +99,13 @@ def _textvqa_case(rng: random.Random) -> tuple[list[str], str, float, bool]:
     return answers, prediction, expected, undone
 
 
+def _simplified_vqa(prediction: str, answers: list[str]) -> float:
+    """What evaluate scored before it used lmms-eval's rule: lower case, punctuation and articles dropped."""
+    pred, gts = simplified_normalize(prediction), [simplified_normalize(a) for a in answers]
+    others = [sum(g == pred for j, g in enumerate(gts) if j != i) for i in range(len(gts))]
+    return sum(min(1, m / 3) for m in others) / len(gts)
+
+
 def test_textvqa_generated_pairs():
     rng = random.Random(16)
     cases = [_textvqa_case(rng) for _ in range(400)]
@@ -109,17 +117,19 @@ def test_textvqa_generated_pairs():
     mean = sum(c[2] for c in cases) / len(cases)
     assert metrics["exact_match"] == pytest.approx(mean, abs=1e-12)
     assert metrics["score"] == pytest.approx(100 * mean, abs=1e-10)
-    # The fixture has teeth: the old simplified normaliser disagrees on a good share of these cases.
-    old_wrong = sum(old_vqa_soft(pred, answers) != pytest.approx(exp, abs=1e-12) for answers, pred, exp, _ in cases)
+    # The fixture has teeth: the simplified normaliser disagrees on a good share of these cases, and the evaluate
+    # stage's vqa_soft (which once was that) now agrees with lmms-eval's rule on every one
+    old_wrong = sum(_simplified_vqa(pred, answers) != pytest.approx(exp, abs=1e-12) for answers, pred, exp, _ in cases)
     assert old_wrong > 50
+    assert [evaluate_vqa_soft(pred, answers) for answers, pred, _, _ in cases] == [r["score"] for r in records]
 
 
-def test_old_normaliser_fails_number_words():
-    # EvalAI maps "ten" -> "10" (number-word table); the old normaliser in pipeline/inference/scoring.py does not.
+def test_simplified_normaliser_fails_number_words():
+    # EvalAI maps "ten" -> "10" (number-word table); a plain lower/punctuation/articles normaliser does not.
     answers = ["10"] * 10
-    assert old_vqa_soft("ten", answers) == 0.0
+    assert _simplified_vqa("ten", answers) == 0.0
     record = SCORERS["textvqa"].process(_doc(answers=answers), "ten")
-    assert record["score"] == 1.0
+    assert record["score"] == 1.0 == evaluate_vqa_soft("ten", answers)
 
 
 @pytest.mark.parametrize(
@@ -372,7 +382,7 @@ def test_pope_generated_pairs():
     assert metrics["pope_recall"] == pytest.approx(recall)
     assert metrics["pope_f1_score"] == pytest.approx(2 * precision * recall / (precision + recall))
     assert metrics["pope_yes_ratio"] == pytest.approx(sum(c[0] == "yes" for c in cases) / len(cases))
-    assert metrics["score"] == pytest.approx(100 * metrics["pope_accuracy"])
+    assert metrics["score"] == pytest.approx(100 * metrics["pope_f1_score"])
 
 
 def test_pope_worked_example():
@@ -540,7 +550,8 @@ def test_records_carry_float_score_and_aggregate_headline(name):
     assert [type(r["score"]) for r in records] == [float, float]
     assert [r["score"] for r in records] == [1.0, 0.0]
     metrics = SCORERS[name].aggregate(records)
-    assert metrics["score"] == pytest.approx(50.0)
+    # POPE's headline is F1 (the paper's), and an answer neither yes nor no is no false negative in it
+    assert metrics["score"] == pytest.approx(100.0 if name == "pope" else 50.0)
     assert all(isinstance(v, float) for v in metrics.values())
     with pytest.raises(ValueError, match="no records"):
         SCORERS[name].aggregate([])

@@ -1,9 +1,15 @@
-"""Answer scoring: exact match, TextVQA-style soft accuracy over 10 answers, multiple choice."""
+"""Answer scoring of the evaluate stage: exact match, TextVQA soft accuracy over 10 answers, multiple choice.
+
+The soft accuracy is lmms-eval's TextVQA rule (:func:`pipeline.benchmarks.scorers.vqa_accuracy`, EvalAI answer
+normalisation); the paper's benchmarks are scored by their own lmms-eval rules in :mod:`pipeline.benchmarks`.
+"""
 
 from __future__ import annotations
 
 import re
 import string
+
+from pipeline.benchmarks.scorers import vqa_accuracy
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -22,16 +28,11 @@ def exact_match(pred: str, answer: str | None) -> float:
 
 
 def vqa_soft(pred: str, answers: list[str]) -> float:
-    """VQA accuracy: min(1, matches / 3), averaged over the 10 leave-one-annotator-out subsets."""
+    """TextVQA accuracy as lmms-eval scores it: min(1, matches / 3) over the 10 leave-one-annotator-out subsets,
+    prediction and answers normalised by EvalAI's rules (number words, contractions, punctuation, articles)."""
     if not answers:
         raise ValueError("vqa_soft needs the annotators' answers")
-    p = normalize(pred)
-    gts = [normalize(a) for a in answers]
-    scores = []
-    for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1 :]
-        scores.append(min(1.0, sum(g == p for g in others) / 3))
-    return sum(scores) / len(scores)
+    return vqa_accuracy(pred.strip(), answers)
 
 
 def multiple_choice(pred: str, answer: str | None) -> float:
