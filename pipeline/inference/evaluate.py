@@ -138,6 +138,14 @@ def _localisation(adapter: ModelAdapter, row: dict, roi: RoI, man: dict) -> tupl
     return inside, recall, inter / union if union > 0 else 0.0
 
 
+def method_names(rpns: dict[str, RPN], params: EvalParams, main: str = "sdrpn") -> list[str]:
+    """The methods evaluate runs, in table order: the baseline, each RPN's upscaling modes, raw attention."""
+    methods = ["baseline"]
+    for name in rpns:
+        methods += [f"{name}_{mode}" for mode in (params.modes if name == main else ["masked"])]
+    return methods + (["raw_attention"] if params.raw_attention else [])
+
+
 def evaluate_manifest(
     adapter: ModelAdapter,
     manifest: pa.Table,
@@ -155,46 +163,70 @@ def evaluate_manifest(
     rows_man = manifest.to_pylist()
     seconds: dict[str, float] = defaultdict(float)
     out: list[dict] = []
-    methods = ["baseline"]
-    for name in rpns:
-        methods += [f"{name}_{mode}" for mode in (params.modes if name == main else ["masked"])]
-    methods += ["raw_attention"] if params.raw_attention else []
     bar = tqdm(total=len(rows_man), desc="evaluate", unit="sample", disable=not progress)
     for start in range(0, len(rows_man), params.batch_size):
         batch = rows_man[start : start + params.batch_size]
-        reasons = context_skips(
-            adapter, [r["question"] for r in batch], [(r["width"], r["height"]) for r in batch], params.max_new_tokens
-        )
-        chunk = [man for man, reason in zip(batch, reasons, strict=True) if reason is None]
-        results = _answer(adapter, chunk, rpns, params, main, seconds) if chunk else {m: ([], []) for m in methods}
-        for method in methods:  # the batch's samples in manifest order, skipped ones in place
-            answered = zip(chunk, *results[method], strict=True)
-            for entry, reason in zip(batch, reasons, strict=True):
-                if reason is not None:
-                    out.append(_skipped_prediction(entry["sample_id"], method, reason))
-                    continue
-                man, row, roi = next(answered)
-                loc = _localisation(adapter, row, roi, man) if roi is not None else (float("nan"),) * 3
-                out.append(
-                    {
-                        "sample_id": man["sample_id"],
-                        "method": method,
-                        "response": row["response"],
-                        "score": score(row["response"], man.get("answer"), man.get("answers"), params.scoring),
-                        # stage 2 dropped the crops (past the context): the answer is the original view's
-                        "found": bool(roi is not None and roi.found and row.get("skip_reason") is None),
-                        "crop_boxes": row.get("crop_boxes", []),
-                        "n_crop_tokens": int(row.get("n_crop_tokens", 0)),
-                        "roi_precision": loc[0],
-                        "box_recall": loc[1],
-                        "iou": loc[2],
-                        "skip_reason": row.get("skip_reason"),
-                    }
-                )
+        out += predict_batch(adapter, batch, rpns, params, seconds, main)
         bar.update(len(batch))
     bar.close()
     table = pa.Table.from_pylist(out, schema=PREDICTION_COLUMNS)
     return table, summarize(table, seconds)
+
+
+Scorer = Callable[[dict, str], float]
+
+
+def predict_batch(
+    adapter: ModelAdapter,
+    batch: list[dict],
+    rpns: dict[str, RPN],
+    params: EvalParams,
+    seconds: dict[str, float],
+    main: str = "sdrpn",
+    scorer: Scorer | None = None,
+) -> list[dict]:
+    """Prediction rows (:data:`PREDICTION_COLUMNS`) of every method for the manifest rows ``batch``, method by
+    method, each in ``batch``'s order; adds each method's time to ``seconds``.
+
+    ``scorer(manifest_row, response)`` scores one answer; by default :func:`score` with ``params.scoring``.
+    """
+    if scorer is None:
+
+        def scorer(man: dict, response: str) -> float:
+            return score(response, man.get("answer"), man.get("answers"), params.scoring)
+
+    methods = method_names(rpns, params, main)
+    reasons = context_skips(
+        adapter, [r["question"] for r in batch], [(r["width"], r["height"]) for r in batch], params.max_new_tokens
+    )
+    chunk = [man for man, reason in zip(batch, reasons, strict=True) if reason is None]
+    results = _answer(adapter, chunk, rpns, params, main, seconds) if chunk else {m: ([], []) for m in methods}
+    out = []
+    for method in methods:  # the batch's samples in manifest order, skipped ones in place
+        answered = zip(chunk, *results[method], strict=True)
+        for entry, reason in zip(batch, reasons, strict=True):
+            if reason is not None:
+                out.append(_skipped_prediction(entry["sample_id"], method, reason))
+                continue
+            man, row, roi = next(answered)
+            loc = _localisation(adapter, row, roi, man) if roi is not None else (float("nan"),) * 3
+            out.append(
+                {
+                    "sample_id": man["sample_id"],
+                    "method": method,
+                    "response": row["response"],
+                    "score": float(scorer(man, row["response"])),
+                    # stage 2 dropped the crops (past the context): the answer is the original view's
+                    "found": bool(roi is not None and roi.found and row.get("skip_reason") is None),
+                    "crop_boxes": row.get("crop_boxes", []),
+                    "n_crop_tokens": int(row.get("n_crop_tokens", 0)),
+                    "roi_precision": loc[0],
+                    "box_recall": loc[1],
+                    "iou": loc[2],
+                    "skip_reason": row.get("skip_reason"),
+                }
+            )
+    return out
 
 
 def _answer(
