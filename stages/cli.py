@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "stages.train:train",
     "evaluate": "stages.evaluate:evaluate",
     "release": "stages.release:release",
+    "benchmarks": "stages.benchmarks:benchmarks",
     "inspect": "stages.inspect:inspect",
     "report": "stages.report:report",
     "import-authors-labels": "stages.import_authors_labels:import_authors_labels",

@@ -33,10 +33,11 @@ STAGES = {
     "train_noassign",
     "evaluate",
     "release",
+    "benchmarks",
 }
 # every chain that must run in this order
 CHAINS = [
-    ["world", "prepare", "decode", "dump", "label", "train", "evaluate", "release"],
+    ["world", "prepare", "decode", "dump", "label", "train", "evaluate", "release", "benchmarks"],
     ["world_eval", "prepare_eval", "evaluate"],
     ["dump", "label_report"],
 ]
@@ -135,10 +136,11 @@ def test_label_code_change_reruns_only_label(project):
     with open(project / "pipeline/teacher/labels.py", "a") as fh:
         fh.write("\n# edited\n")
     # labels.parquet comes out byte-identical, so train (which depends on the artifact, not the code) stays put;
-    # evaluate reruns because its raw-attention ablation builds its map with the labels' own aggregation
+    # evaluate reruns because its raw-attention ablation builds its map with the labels' own aggregation (and
+    # benchmarks, which runs evaluate's code)
     before = _out_hashes(project)
     ran = sorted(_ran(_dvc(project, "repro")))
-    assert ran == ["evaluate", "label", "label_noassign", "label_nosink", "label_report", "release"]
+    assert ran == ["benchmarks", "evaluate", "label", "label_noassign", "label_nosink", "label_report", "release"]
     # and every rerun stage wrote the same bytes as before (evaluate's metrics and plot aside: they carry timings)
     timed = {"artifacts/metrics/evaluate.json", "artifacts/plots/evaluate.csv"}
     assert {k: v for k, v in _out_hashes(project).items() if k not in timed} == {
@@ -207,3 +209,31 @@ def test_release_answers_as_evaluate_did(project, monkeypatch):
     # the plain train checkpoint records nothing: the library defaults apply
     plain = SDRPN.from_pretrained("models/tiny", "artifacts/rpn", device="cpu", dtype="float32")
     assert plain.roi.tau == 0.15
+
+
+def test_benchmarks_stage_on_fixture_files(project):
+    """`dvc repro benchmarks` with three benchmarks configured: only that stage runs, and it writes the table."""
+    from benchmark_fixtures import write_fixture
+
+    _dvc(project, "repro")
+    assert (project / "artifacts/benchmarks/table.md").read_text().startswith("No benchmark configured")
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    data = project / "data"
+    sets = {
+        "textvqa": {"path": str(write_fixture("textvqa", "lmms_lab_parquet", data, n=4))},
+        "pope": {"path": str(write_fixture("pope", "lmms_lab_parquet", data, n=6))},
+        "vstar": {"path": str(write_fixture("vstar", "original_jsonl", data, n=4)), "n": 3},
+    }
+    params["benchmarks"].update(sets=sets, max_new_tokens=3, batch_size=4)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_dvc(project, "repro")) == ["benchmarks"]
+    table = (project / "artifacts/benchmarks/table.md").read_text()
+    assert "| method | TextVQA val | throughput |" in table
+    assert "| method | V* attributes | V* spatial | V* overall | POPE | avg | throughput |" in table
+    metrics = json.loads((project / "artifacts/metrics/benchmarks.json").read_text())
+    assert {b: metrics[b]["baseline"]["n"] for b in metrics} == {"textvqa": 4, "vstar": 3, "pope": 6}
+    assert "benchmarks.json" in _dvc(project, "metrics", "show")
+    params_file.write_text(original)
+    _dvc(project, "repro")

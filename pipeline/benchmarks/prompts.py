@@ -182,3 +182,18 @@ def generation_kwargs(name: str, family: str | None = None) -> dict:
         "num_beams": 1,
         "until": list(task.generation.get("until", ["\n\n"])),
     }
+
+
+# the lmms-eval model classes that cut a generated answer at the task's stop strings (its llava does not)
+CUTS_AT_STOP_STRINGS = frozenset({"qwen2_5_vl"})
+
+
+def final_answer(name: str, family: str, response: str) -> str:
+    """The answer lmms-eval would score: ``response`` cut at the first of the task's stop strings where the
+    family's lmms-eval model cuts (:data:`CUTS_AT_STOP_STRINGS`), else as generated."""
+    if family not in CUTS_AT_STOP_STRINGS:
+        return response
+    for stop in generation_kwargs(name, family)["until"]:
+        if stop:
+            response = response.split(stop)[0]
+    return response
