@@ -8,7 +8,6 @@ the baseline is measured side by side. ``max_new_tokens`` is the lmms-eval task'
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import replace
 
@@ -40,7 +39,7 @@ DOC_COLUMNS = pa.schema(
         ("source", pa.string()),
     ]
 )
-SECONDS_KEY = b"seconds"  # each part's schema metadata: the seconds every method spent on its batch
+SECONDS_COLUMN = "seconds"  # in the parts only: a row's share of its method's time on its batch
 
 
 def benchmark_params(
@@ -86,25 +85,23 @@ def answer_benchmark(
         return scorer.process(by_id[row["sample_id"]], final_answer(name, adapter.family, response))["score"]
 
     rows = prompt_rows(name, docs, adapter.family)
-    starts = range(0, len(rows), params.batch_size)
     bar = tqdm(total=len(rows), desc=name, unit="sample", disable=not progress)
-    for index, start in enumerate(starts):
+    for index, start in enumerate(range(0, len(rows), params.batch_size)):
         batch = rows[start : start + params.batch_size]
         if not parts.done(index):
             seconds: dict[str, float] = defaultdict(float)
             out = predict_batch(adapter, batch, {"sdrpn": rpn}, params, seconds, scorer=score_one)
+            # each row carries its share of its method's time on the batch, so the parts alone give the totals
+            shares = [seconds[r["method"]] / len(batch) for r in out]
             table = pa.Table.from_pylist(out, schema=PREDICTION_COLUMNS)
-            parts.write(index, table.replace_schema_metadata({SECONDS_KEY: json.dumps(seconds)}))
+            parts.write(index, table.append_column(SECONDS_COLUMN, pa.array(shares, pa.float64())))
         bar.update(len(batch))
     bar.close()
-    tables, seconds = [], defaultdict(float)
-    for index in range(len(starts)):
-        table = parts.read(index)
-        for method, s in json.loads(table.schema.metadata[SECONDS_KEY]).items():
-            seconds[method] += s
-        tables.append(table.replace_schema_metadata(None))
-    predictions = pa.concat_tables(tables) if tables else PREDICTION_COLUMNS.empty_table()
-    return predictions, dict(seconds)
+    done = parts.collect() if rows else PREDICTION_COLUMNS.empty_table().append_column(SECONDS_COLUMN, pa.array([]))
+    totals: dict[str, float] = defaultdict(float)
+    for method, share in zip(done.column("method").to_pylist(), done.column(SECONDS_COLUMN).to_pylist(), strict=True):
+        totals[method] += share
+    return done.drop_columns([SECONDS_COLUMN]), dict(totals)
 
 
 def score_benchmark(name: str, family: str, docs: list[dict], predictions: pa.Table, seconds: dict[str, float]) -> dict:

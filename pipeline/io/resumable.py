@@ -66,10 +66,6 @@ class PartStore:
         with atomic_path(self._path(index), lock=False) as tmp:
             pq.write_table(table, tmp)
 
-    def read(self, index: int) -> pa.Table:
-        """Part ``index`` as written (schema metadata included)."""
-        return pq.read_table(self._path(index))
-
     def collect(self) -> pa.Table:
         """All parts concatenated in index order."""
         parts = sorted(self.dir.glob("part-*.parquet"))
