@@ -13,15 +13,15 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
-import torch.distributed as dist
 
 from pipeline.config import ModelParams
+from pipeline.distributed import finish, init_distributed
 from pipeline.io.contracts import read_parquet
 from pipeline.io.locks import atomic_path
 from pipeline.io.resumable import job_key
 from pipeline.models import load_adapter
 from pipeline.student.params import TrainParams
-from pipeline.student.train import PLOT_COLUMNS, init_distributed, join_samples, params_dict, train_rpn
+from pipeline.student.train import PLOT_COLUMNS, join_samples, params_dict, train_rpn
 from stages.common import (
     fingerprints,
     model_fingerprint,
@@ -99,6 +99,4 @@ def train(
                 writer.writerows(result.records)
             shutil.rmtree(state_dir, ignore_errors=True)
             click.echo(f"train: {len(samples)} samples ({n_skipped} skipped), metrics {result.metrics} -> {ckpt_out}")
-    if info.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(info)

@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.distributed import DistInfo, all_reduce, dist_info
 from pipeline.io.images import load_images
 from pipeline.io.locks import atomic_path
 from pipeline.models.base import Batch, ModelAdapter
@@ -98,42 +98,6 @@ def join_samples(manifest: pa.Table, labels: pa.Table, soft: bool = False) -> tu
 
 
 # --- distributed -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank and world size of the current process group (0 / 1 when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo()
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group ``torchrun`` describes in the environment (nccl on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    return dist_info()
-
-
-def _all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.world > 1:
-        dist.all_reduce(t)
-    return t
 
 
 # --- schedule, data plan -----------------------------------------------------------------------------------
@@ -379,7 +343,7 @@ def train_rpn(
                 # DDP averages gradients over ranks; the world factor turns that into the global-batch mean.
                 (s * (mb.weight * info.world / norm)).backward()
             loss_sum += s.detach() * mb.weight
-        loss = float(_all_reduce(loss_sum, info)) / norm
+        loss = float(all_reduce(loss_sum, info)) / norm
         max_norm = params.grad_clip if params.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         lr = lr_at(step, total, params)
@@ -458,7 +422,7 @@ def evaluate(
                 bg.sum().double(),
             ]
         )
-    sums = _all_reduce(sums, info).tolist()
+    sums = all_reduce(sums, info).tolist()
 
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None  # JSON null, not NaN, when the split has no such token
