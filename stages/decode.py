@@ -8,6 +8,7 @@ import click
 import pyarrow.compute as pc
 
 from pipeline.config import ModelParams
+from pipeline.distributed import finish, init_distributed
 from pipeline.io.contracts import read_parquet, write_parquet
 from pipeline.io.resumable import PartStore, job_key
 from pipeline.models import load_adapter
@@ -40,15 +41,20 @@ def decode(manifest_path: Path, responses_out: Path, params_path: Path, progress
     manifest = read_parquet(manifest_path, "manifest")
     inputs = fingerprints(manifest_path)
     inputs[model.path] = model_fingerprint(model.path)
+    info = init_distributed()  # under torchrun: this rank's share of the batches (pipeline/distributed.py)
     # the parts' directory is locked while open: a second decode of the same job stops before the model loads
-    with PartStore(work_dir, "decode", job_key(inputs=inputs, params=vars(params))) as parts:
-        if parts.n_done():
+    with PartStore(work_dir, "decode", job_key(inputs=inputs, params=vars(params)), info.rank, info.world) as parts:
+        if parts.n_done() and info.is_main:
             click.echo(f"decode: resuming, {parts.n_done()} finished batches found in {parts.dir}")
         adapter = load_adapter(model.path, model.device, model.dtype, **model.adapter_options())
         table = decode_manifest(adapter, manifest, params, parts, progress=progress)
-        params_used = {"model": model.to_dict(), "decode": vars(params)}
-        write_parquet(table, responses_out, "responses", params=params_used, inputs=inputs)
-        parts.cleanup()
+        if table is not None:  # rank 0, every batch written
+            params_used = {"model": model.to_dict(), "decode": vars(params)}
+            write_parquet(table, responses_out, "responses", params=params_used, inputs=inputs)
+            parts.cleanup()
+    finish(info)
+    if table is None:
+        return
     rows = table.filter(pc.is_valid(table.column("skip_reason")))
     skipped = dict(zip(rows.column("sample_id").to_pylist(), rows.column("skip_reason").to_pylist(), strict=True))
     report_skips("decode", skipped, f"{responses_out} (skip_reason)")

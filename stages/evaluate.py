@@ -10,10 +10,12 @@ import click
 import polars as pl
 
 from pipeline.config import ModelParams
-from pipeline.inference.evaluate import evaluate_manifest
+from pipeline.distributed import finish, init_distributed
+from pipeline.inference.evaluate import predict_parts, summarize
 from pipeline.inference.params import EvalParams
 from pipeline.io.contracts import read_parquet, write_parquet
 from pipeline.io.locks import atomic_path
+from pipeline.io.resumable import PartStore, job_key
 from pipeline.models import ModelAdapter, load_adapter
 from pipeline.student.rpn import RPN
 from stages.common import fingerprints, model_fingerprint, params_option, progress_option, write_text, writes
@@ -54,6 +56,13 @@ def _named_dir(value: str) -> tuple[str, Path]:
 @click.option("--ablation", "ablations", multiple=True, help="NAME=DIR: another RPN checkpoint to evaluate")
 @params_option
 @progress_option
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default="artifacts/.work",
+    show_default=True,
+    help="where finished batches are kept so a rerun resumes",
+)
 @writes("predictions_out", "metrics_out", "plots_out")
 def evaluate(
     manifest_path: Path,
@@ -64,6 +73,7 @@ def evaluate(
     ablations: tuple[str, ...],
     params_path: Path,
     progress: bool,
+    work_dir: Path,
 ) -> None:
     """Answer MANIFEST_PATH with every method; write PREDICTIONS_OUT, --metrics and --plots."""
     # every params value is checked, also against the model's config, before weights load or an output exists
@@ -71,19 +81,26 @@ def evaluate(
     params = eval_params(params_path)
     check_against_model(params_path, model, params)
     manifest = read_parquet(manifest_path, "manifest")
-    adapter = stage2_adapter(model, params)
-    rpns = {"sdrpn": RPN.load(adapter, rpn_dir).eval()}
-    for name, path in map(_named_dir, ablations):
-        rpns[name] = RPN.load(adapter, path).eval()
-    table, metrics = evaluate_manifest(adapter, manifest, rpns, params, progress=progress)
     inputs = fingerprints(manifest_path, rpn_dir, *(p for _, p in map(_named_dir, ablations)))
     inputs[model.path] = model_fingerprint(model.path)
     params_used = {"model": model.to_dict(), "evaluate": asdict(params)}
-    write_parquet(table, predictions_out, "predictions", params=params_used, inputs=inputs)
-    for out in (metrics_out, plots_out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(metrics_out, json.dumps(metrics, indent=2) + "\n")
-    rows = [{"method": m, **{k: v for k, v in d.items() if k != "n"}} for m, d in metrics.items()]
-    with atomic_path(plots_out) as tmp:
-        pl.DataFrame(rows).write_csv(tmp)
-    click.echo(json.dumps(metrics, indent=2))
+    info = init_distributed()  # under torchrun: this rank's share of the batches (pipeline/distributed.py)
+    with PartStore(work_dir, "evaluate", job_key(inputs=inputs, params=params_used), info.rank, info.world) as parts:
+        adapter = stage2_adapter(model, params)
+        rpns = {"sdrpn": RPN.load(adapter, rpn_dir).eval()}
+        for name, path in map(_named_dir, ablations):
+            rpns[name] = RPN.load(adapter, path).eval()
+        done = predict_parts(adapter, manifest.to_pylist(), rpns, params, parts, progress=progress)
+        if done is not None:  # rank 0, every batch written; the other ranks' work ends with their batches
+            table, seconds = done
+            metrics = summarize(table, seconds)
+            write_parquet(table, predictions_out, "predictions", params=params_used, inputs=inputs)
+            for out in (metrics_out, plots_out):
+                out.parent.mkdir(parents=True, exist_ok=True)
+            write_text(metrics_out, json.dumps(metrics, indent=2) + "\n")
+            rows = [{"method": m, **{k: v for k, v in d.items() if k != "n"}} for m, d in metrics.items()]
+            with atomic_path(plots_out) as tmp:
+                pl.DataFrame(rows).write_csv(tmp)
+            parts.cleanup()
+            click.echo(json.dumps(metrics, indent=2))
+    finish(info)

@@ -153,7 +153,7 @@ def test_stage_runs_every_benchmark_and_scores_by_its_rules(bench_project):
 
 
 def test_prompts_reach_the_model_as_lmms_eval_builds_them(bench_project, monkeypatch):
-    import pipeline.benchmarks.run as run
+    import pipeline.inference.evaluate as run
 
     seen: dict[tuple[str, str], str] = {}
     real = run.predict_batch
@@ -183,7 +183,7 @@ def _predictions(project: Path) -> dict[str, pl.DataFrame]:
 def test_interrupted_run_resumes_and_gives_the_same_answers(bench_project, monkeypatch):
     import shutil
 
-    import pipeline.benchmarks.run as run
+    import pipeline.inference.evaluate as run
 
     real, calls = run.predict_batch, []
 
@@ -242,7 +242,7 @@ def test_qwen_answers_are_cut_at_the_tasks_stop_strings_as_lmms_eval_cuts_them()
 
 def test_stage_on_a_tiny_qwen(tmp_path, monkeypatch):
     """The same stage on a Qwen2.5-VL: its family's prompts reach the model and its answers are cut as lmms-eval's."""
-    import pipeline.benchmarks.run as run
+    import pipeline.inference.evaluate as run
     from pipeline.models import wrap_model
     from tests.conftest import WORDS
     from toymodels.qwen import build_toy_qwen, save_toy_qwen

@@ -64,8 +64,11 @@ STAGES = DVC_YAML["stages"]
 
 
 def _stage_module(cmd: str) -> tuple[Path, list[str]]:
-    """The stage module behind ``sdrpn <command> ...`` and the command line's words."""
+    """The stage module behind ``[torchrun ... --no-python] sdrpn <command> ...`` and the words from ``sdrpn`` on."""
     words = shlex.split(cmd)
+    if words[:1] == ["torchrun"]:  # the model stages run under torchrun with params.yaml's compute section
+        assert "--no-python" in words and "sdrpn" in words, f"cmd {cmd!r}: torchrun must launch `--no-python sdrpn`"
+        words = words[words.index("sdrpn") :]
     assert words[:1] == ["sdrpn"] and len(words) > 1, f"cmd {cmd!r} does not run the sdrpn CLI"
     assert words[1] in COMMANDS, f"sdrpn has no command {words[1]!r} (stages/cli.py COMMANDS)"
     module = module_file(COMMANDS[words[1]].partition(":")[0])

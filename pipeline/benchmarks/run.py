@@ -12,11 +12,10 @@ from collections import defaultdict
 from dataclasses import replace
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from pipeline.benchmarks.prompts import build_prompt, final_answer, generation_kwargs
 from pipeline.benchmarks.scorers import SCORERS
-from pipeline.inference.evaluate import PREDICTION_COLUMNS, check_crop_size, predict_batch
+from pipeline.inference.evaluate import predict_parts
 from pipeline.inference.params import EvalParams
 from pipeline.io.resumable import PartStore
 from pipeline.models.base import ModelAdapter
@@ -39,7 +38,6 @@ DOC_COLUMNS = pa.schema(
         ("source", pa.string()),
     ]
 )
-SECONDS_COLUMN = "seconds"  # in the parts only: a row's share of its method's time on its batch
 
 
 def benchmark_params(
@@ -74,10 +72,10 @@ def answer_benchmark(
     params: EvalParams,
     parts: PartStore,
     progress: bool = True,
-) -> tuple[pa.Table, dict[str, float]]:
+) -> tuple[pa.Table, dict[str, float]] | None:
     """Every method's answer to every document (predictions in batch order, each batch method by method) and the
-    seconds each method spent. Batches already in ``parts`` (an earlier, interrupted run) are not redone."""
-    check_crop_size(adapter, params.crop_size)
+    seconds each method spent; batches already in ``parts`` (an earlier, interrupted run) are not redone. Under
+    torchrun each rank answers its own batches and rank 0 alone gets the result (the others None)."""
     scorer = SCORERS[name]
     by_id = {doc["sample_id"]: doc for doc in docs}
 
@@ -85,23 +83,7 @@ def answer_benchmark(
         return scorer.process(by_id[row["sample_id"]], final_answer(name, adapter.family, response))["score"]
 
     rows = prompt_rows(name, docs, adapter.family)
-    bar = tqdm(total=len(rows), desc=name, unit="sample", disable=not progress)
-    for index, start in enumerate(range(0, len(rows), params.batch_size)):
-        batch = rows[start : start + params.batch_size]
-        if not parts.done(index):
-            seconds: dict[str, float] = defaultdict(float)
-            out = predict_batch(adapter, batch, {"sdrpn": rpn}, params, seconds, scorer=score_one)
-            # each row carries its share of its method's time on the batch, so the parts alone give the totals
-            shares = [seconds[r["method"]] / len(batch) for r in out]
-            table = pa.Table.from_pylist(out, schema=PREDICTION_COLUMNS)
-            parts.write(index, table.append_column(SECONDS_COLUMN, pa.array(shares, pa.float64())))
-        bar.update(len(batch))
-    bar.close()
-    done = parts.collect() if rows else PREDICTION_COLUMNS.empty_table().append_column(SECONDS_COLUMN, pa.array([]))
-    totals: dict[str, float] = defaultdict(float)
-    for method, share in zip(done.column("method").to_pylist(), done.column(SECONDS_COLUMN).to_pylist(), strict=True):
-        totals[method] += share
-    return done.drop_columns([SECONDS_COLUMN]), dict(totals)
+    return predict_parts(adapter, rows, {"sdrpn": rpn}, params, parts, scorer=score_one, progress=progress, desc=name)
 
 
 def score_benchmark(name: str, family: str, docs: list[dict], predictions: pa.Table, seconds: dict[str, float]) -> dict:

@@ -27,6 +27,7 @@ from pipeline.inference.roi import RoI
 from pipeline.inference.scoring import score
 from pipeline.inference.two_stage import Stage1Output, two_stage_batch
 from pipeline.io.images import load_images
+from pipeline.io.resumable import PartStore, run_parts
 from pipeline.models.base import ModelAdapter
 from pipeline.models.geometry import gt_token_masks
 from pipeline.student.rpn import RPN
@@ -174,6 +175,47 @@ def evaluate_manifest(
 
 
 Scorer = Callable[[dict, str], float]
+SECONDS_COLUMN = "seconds"  # in parts only: a row's share of its method's time on its batch
+
+
+def predict_parts(
+    adapter: ModelAdapter,
+    rows: list[dict],
+    rpns: dict[str, RPN],
+    params: EvalParams,
+    parts: PartStore,
+    main: str = "sdrpn",
+    scorer: Scorer | None = None,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> tuple[pa.Table, dict[str, float]] | None:
+    """:func:`predict_batch` over the manifest rows ``rows``, one part per batch (finished parts are not redone;
+    under torchrun each rank answers the batches ``parts`` says it owns). Rank 0 returns the predictions (batch
+    order, each batch method by method) and the seconds each method spent, summed over every batch and rank;
+    the other ranks return None."""
+    check_crop_size(adapter, params.crop_size)
+    n_batches = (len(rows) + params.batch_size - 1) // params.batch_size
+
+    def span(b: int) -> list[dict]:
+        return rows[b * params.batch_size : (b + 1) * params.batch_size]
+
+    def answer_part(b: int) -> pa.Table:
+        batch = span(b)
+        seconds: dict[str, float] = defaultdict(float)
+        out = predict_batch(adapter, batch, rpns, params, seconds, main, scorer)
+        # each row carries its share of its method's time on the batch, so the parts alone give the totals
+        shares = pa.array([seconds[r["method"]] / len(batch) for r in out], pa.float64())
+        return pa.Table.from_pylist(out, schema=PREDICTION_COLUMNS).append_column(SECONDS_COLUMN, shares)
+
+    if not run_parts(parts, n_batches, answer_part, lambda b: len(span(b)), desc, progress):
+        return None
+    if n_batches == 0:
+        return PREDICTION_COLUMNS.empty_table(), {}
+    done = parts.collect(n_batches)
+    totals: dict[str, float] = defaultdict(float)
+    for method, share in zip(done.column("method").to_pylist(), done.column(SECONDS_COLUMN).to_pylist(), strict=True):
+        totals[method] += share
+    return done.drop_columns([SECONDS_COLUMN]), dict(totals)
 
 
 def predict_batch(

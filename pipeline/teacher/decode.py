@@ -11,10 +11,9 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from pipeline.io.images import load_images
-from pipeline.io.resumable import PartStore
+from pipeline.io.resumable import PartStore, run_parts
 from pipeline.models.base import ModelAdapter
 from pipeline.teacher.params import DecodeParams
 
@@ -103,38 +102,42 @@ def response_row(adapter: ModelAdapter, prompt: str, toks: list[int]) -> dict:
 
 def decode_manifest(
     adapter: ModelAdapter, manifest: pa.Table, params: DecodeParams, parts: PartStore, progress: bool = True
-) -> pa.Table:
+) -> pa.Table | None:
     """Decode every manifest row in batches; finished batches in ``parts`` are not redone.
 
     Samples past the model's context (:func:`context_skips`) get a skipped row instead of an answer, and their
-    images are not read.
+    images are not read. Under torchrun each rank decodes the batches ``parts`` says it owns; rank 0 returns the
+    whole table once every batch is written, the other ranks None.
     """
     ids = manifest.column("sample_id").to_pylist()
     refs = manifest.column("image").to_pylist()
     questions = manifest.column("question").to_pylist()
     sizes = list(zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist(), strict=True))
     n_batches = (len(ids) + params.batch_size - 1) // params.batch_size
-    bar = tqdm(total=len(ids), desc="decode", unit="sample", disable=not progress, dynamic_ncols=True)
-    for b in range(n_batches):
-        lo, hi = b * params.batch_size, min((b + 1) * params.batch_size, len(ids))
-        if parts.done(b):
-            bar.update(hi - lo)
-            continue
-        reasons = context_skips(adapter, questions[lo:hi], sizes[lo:hi], params.max_new_tokens)
-        run = [lo + i for i, reason in enumerate(reasons) if reason is None]
+
+    def span(b: int) -> range:
+        return range(b * params.batch_size, min((b + 1) * params.batch_size, len(ids)))
+
+    def decode_part(b: int) -> pa.Table:
+        rows_b = span(b)
+        reasons = context_skips(
+            adapter, questions[rows_b.start : rows_b.stop], sizes[rows_b.start : rows_b.stop], params.max_new_tokens
+        )
+        run = [i for i, reason in zip(rows_b, reasons, strict=True) if reason is None]
         answers = []
         if run:
             images = load_images([refs[i] for i in run], [ids[i] for i in run])
             answers = decode_batch(adapter, images, [questions[i] for i in run], params.max_new_tokens)
         answered = iter(answers)
         rows = []
-        for i, reason in zip(range(lo, hi), reasons, strict=True):
+        for i, reason in zip(rows_b, reasons, strict=True):
             row = next(answered) if reason is None else skipped_row(adapter, questions[i], reason)
             row["sample_id"] = ids[i]
             rows.append(row)
-        parts.write(b, pa.Table.from_pylist(rows, schema=RESPONSE_COLUMNS))
-        bar.update(hi - lo)
-    bar.close()
+        return pa.Table.from_pylist(rows, schema=RESPONSE_COLUMNS)
+
+    if not run_parts(parts, n_batches, decode_part, lambda b: len(span(b)), "decode", progress):
+        return None
     if n_batches == 0:
         return RESPONSE_COLUMNS.empty_table()
-    return parts.collect()
+    return parts.collect(n_batches)
