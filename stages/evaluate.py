@@ -11,7 +11,7 @@ import polars as pl
 
 from pipeline.config import ModelParams
 from pipeline.distributed import finish, init_distributed
-from pipeline.inference.evaluate import predict_parts, summarize
+from pipeline.inference.evaluate import TableRows, predict_parts, summarize
 from pipeline.inference.params import EvalParams
 from pipeline.io.contracts import read_parquet, write_parquet
 from pipeline.io.locks import atomic_path
@@ -90,7 +90,7 @@ def evaluate(
         rpns = {"sdrpn": RPN.load(adapter, rpn_dir).eval()}
         for name, path in map(_named_dir, ablations):
             rpns[name] = RPN.load(adapter, path).eval()
-        done = predict_parts(adapter, manifest.to_pylist(), rpns, params, parts, progress=progress)
+        done = predict_parts(adapter, TableRows(manifest), rpns, params, parts, progress=progress)
         if done is not None:  # rank 0, every batch written; the other ranks' work ends with their batches
             table, seconds = done
             metrics = summarize(table, seconds)

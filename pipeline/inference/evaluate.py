@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -178,9 +178,28 @@ Scorer = Callable[[dict, str], float]
 SECONDS_COLUMN = "seconds"  # in parts only: a row's share of its method's time on its batch
 
 
+class TableRows(Sequence):
+    """A table's rows as dicts, converted slice by slice when asked: a manifest of any length costs Arrow memory
+    only, never a list of Python dicts."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index: int | slice) -> dict | list[dict]:  # type: ignore[override]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("TableRows slices take no step")
+            return self.table.slice(start, max(stop - start, 0)).to_pylist()
+        return self.table.slice(index, 1).to_pylist()[0]
+
+
 def predict_parts(
     adapter: ModelAdapter,
-    rows: list[dict],
+    rows: Sequence[dict],
     rpns: dict[str, RPN],
     params: EvalParams,
     parts: PartStore,
@@ -192,7 +211,7 @@ def predict_parts(
     """:func:`predict_batch` over the manifest rows ``rows``, one part per batch (finished parts are not redone;
     under torchrun each rank answers the batches ``parts`` says it owns). Rank 0 returns the predictions (batch
     order, each batch method by method) and the seconds each method spent, summed over every batch and rank;
-    the other ranks return None."""
+    the other ranks return None. ``rows`` may be a :class:`TableRows` (only the current batch becomes dicts)."""
     check_crop_size(adapter, params.crop_size)
     n_batches = (len(rows) + params.batch_size - 1) // params.batch_size
 

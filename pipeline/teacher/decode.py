@@ -109,34 +109,31 @@ def decode_manifest(
     images are not read. Under torchrun each rank decodes the batches ``parts`` says it owns; rank 0 returns the
     whole table once every batch is written, the other ranks None.
     """
-    ids = manifest.column("sample_id").to_pylist()
-    refs = manifest.column("image").to_pylist()
-    questions = manifest.column("question").to_pylist()
-    sizes = list(zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist(), strict=True))
-    n_batches = (len(ids) + params.batch_size - 1) // params.batch_size
+    n_rows = manifest.num_rows
+    n_batches = (n_rows + params.batch_size - 1) // params.batch_size
 
-    def span(b: int) -> range:
-        return range(b * params.batch_size, min((b + 1) * params.batch_size, len(ids)))
+    def size(b: int) -> int:
+        return min(params.batch_size, n_rows - b * params.batch_size)
 
     def decode_part(b: int) -> pa.Table:
-        rows_b = span(b)
-        reasons = context_skips(
-            adapter, questions[rows_b.start : rows_b.stop], sizes[rows_b.start : rows_b.stop], params.max_new_tokens
-        )
-        run = [i for i, reason in zip(rows_b, reasons, strict=True) if reason is None]
+        # one batch of the manifest in Python objects at a time: memory does not grow with the manifest
+        batch = manifest.slice(b * params.batch_size, size(b)).to_pylist()
+        questions = [r["question"] for r in batch]
+        reasons = context_skips(adapter, questions, [(r["width"], r["height"]) for r in batch], params.max_new_tokens)
+        run = [r for r, reason in zip(batch, reasons, strict=True) if reason is None]
         answers = []
         if run:
-            images = load_images([refs[i] for i in run], [ids[i] for i in run])
-            answers = decode_batch(adapter, images, [questions[i] for i in run], params.max_new_tokens)
+            images = load_images([r["image"] for r in run], [r["sample_id"] for r in run])
+            answers = decode_batch(adapter, images, [r["question"] for r in run], params.max_new_tokens)
         answered = iter(answers)
         rows = []
-        for i, reason in zip(rows_b, reasons, strict=True):
-            row = next(answered) if reason is None else skipped_row(adapter, questions[i], reason)
-            row["sample_id"] = ids[i]
+        for r, reason in zip(batch, reasons, strict=True):
+            row = next(answered) if reason is None else skipped_row(adapter, r["question"], reason)
+            row["sample_id"] = r["sample_id"]
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=RESPONSE_COLUMNS)
 
-    if not run_parts(parts, n_batches, decode_part, lambda b: len(span(b)), "decode", progress):
+    if not run_parts(parts, n_batches, decode_part, size, "decode", progress):
         return None
     if n_batches == 0:
         return RESPONSE_COLUMNS.empty_table()
