@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 # a rank waits for the slowest one at the end of a stage: long teacher phases must not hit the default 30 min
 TIMEOUT = timedelta(hours=12)
@@ -46,6 +47,10 @@ def env_info() -> DistInfo:
 
 def dist_info() -> DistInfo:
     """Rank and world size of the current process group (0 / 1 when not distributed)."""
+    # torch is imported where it is used: stages/common.py reads env_info() in every stage, and the light
+    # ones (world, prepare, label) must not load torch
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return DistInfo()
@@ -53,6 +58,9 @@ def dist_info() -> DistInfo:
 
 def init_distributed() -> DistInfo:
     """Join the process group ``torchrun`` describes in the environment (nccl on GPUs, gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
@@ -66,6 +74,8 @@ def init_distributed() -> DistInfo:
 def all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``t`` over the ranks in place (a no-op in a single process)."""
     if info.world > 1:
+        import torch.distributed as dist
+
         dist.all_reduce(t)
     return t
 
@@ -73,11 +83,16 @@ def all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     """Wait until every rank gets here (a no-op in a single process)."""
     if info.world > 1:
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def finish(info: DistInfo) -> None:
     """Leave the process group at the end of a stage: every rank waits for the others first."""
-    if info.world > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if info.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import click
 
+from pipeline.distributed import env_info
 from pipeline.io.contracts import fingerprint
 from pipeline.io.locks import OutputLocked, atomic_path, output_lock
 
@@ -87,7 +88,9 @@ def writes(*param_names: str) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            with writing(*(kwargs.get(name) for name in param_names)):
+            # under torchrun rank 0 alone writes the outputs, so it alone locks them
+            outputs = [kwargs.get(name) for name in param_names] if env_info().is_main else []
+            with writing(*outputs):
                 return fn(*args, **kwargs)
 
         return run  # type: ignore[return-value]
