@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.io import attention_store
 from pipeline.io.attention_store import (
     SHARD_BYTES,
     AttentionStoreWriter,
@@ -159,7 +160,7 @@ def _files(path):
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_sharded_layout_and_records(tmp_path):
+def test_sharded_layout_and_records(tmp_path, monkeypatch):
     """Chunks of 256 in shards of 512: one file per shard and array; one record per finished shard until finalize."""
     rows = make_rows(1300)
     path = tmp_path / "s.zarr"
@@ -178,9 +179,12 @@ def test_sharded_layout_and_records(tmp_path):
     st = open_attention_store(path)
     assert (st.chunk_samples, st.shard_samples) == (256, 512)
     assert st.attrs["done_shards"] == [0, 1, 2] and len(st.attrs["shard_checksums"]["attention"]) == 3
-    blocks = list(st.iter_chunks())
-    assert [b.stop - b.start for b in blocks] == [256] * 5 + [20]
-    np.testing.assert_array_equal(np.concatenate([b.attention for b in blocks]), rows[3])
+    for read_bytes in (attention_store.READ_BYTES, 0):  # whole shards cut into chunks, or chunk by chunk
+        monkeypatch.setattr(attention_store, "READ_BYTES", read_bytes)
+        blocks = list(st.iter_chunks())
+        assert [(b.start, b.stop - b.start) for b in blocks] == [(i * 256, 256) for i in range(5)] + [(1280, 20)]
+        for field, k in (("sample_ids", 0), ("grid", 1), ("attention", 3), ("hidden_norm", 4)):
+            assert np.concatenate([getattr(b, field) for b in blocks]).tolist() == rows[k].tolist(), field
 
 
 def test_two_writers_on_one_store_give_the_one_writer_bytes(tmp_path):
