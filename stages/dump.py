@@ -14,6 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import ModelParams
 from pipeline.distributed import DistInfo, barrier, finish, init_distributed
@@ -35,6 +37,17 @@ from stages.common import (
 )
 from stages.params import section
 from stages.preflight import check_layers, probe_model
+
+MANIFEST_READ = ["sample_id", "image", "question", "width", "height"]
+
+
+def response_columns(path: Path) -> list[str] | None:
+    """The responses columns dump reads; ``skip_reason`` only where the file has it (older ones do not)."""
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return None  # all: read_parquet then says what is wrong with the file, naming it
+    return ["sample_id", "response_token_ids", *(["skip_reason"] if "skip_reason" in names else [])]
 
 
 def rank_device(device: str, info: DistInfo) -> str:
@@ -69,8 +82,9 @@ def dump(
     params = section(params_path, "dump", DumpParams)
     probe = probe_model(params_path, model)
     check_layers(params_path, probe, "dump.layers", params.layers)
-    manifest = read_parquet(manifest_path, "manifest")
-    responses = read_parquet(responses_path, "responses")
+    # only the columns dump reads: the rest (answers, prompts, response texts) would grow its memory with the manifest
+    manifest = read_parquet(manifest_path, "manifest", columns=MANIFEST_READ)
+    responses = read_parquet(responses_path, "responses", columns=response_columns(responses_path))
     try:
         manifest, skipped = select_samples(probe, manifest, responses)
     except ValueError as exc:

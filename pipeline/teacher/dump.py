@@ -16,7 +16,7 @@ from pipeline.teacher.decode import context_skips
 from pipeline.teacher.params import DumpParams
 
 # manifest rows whose prompts are measured at once by select_samples: bounds its Python lists at any manifest size
-SELECT_ROWS = 8192
+SELECT_ROWS = 1024
 
 
 def response_index(manifest: pa.Table, responses: pa.Table) -> pa.ChunkedArray:
@@ -74,7 +74,7 @@ def select_samples(adapter: ModelAdapter, manifest: pa.Table, responses: pa.Tabl
             if r is not None:
                 skipped[ids[i]] = r
                 keep[start + i] = False
-    return manifest.filter(pa.array(keep)), skipped
+    return (manifest if keep.all() else manifest.filter(pa.array(keep))), skipped  # no copy when all are kept
 
 
 def image_sizes(manifest: pa.Table) -> list[tuple[int, int]]:
