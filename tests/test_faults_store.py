@@ -1,6 +1,6 @@
 """Fault injection on the attention store and the Parquet artifacts (issue 15, defects 2 and 6).
 
-Each corruption is a row of a table with its exact outcome: an error naming the file (store, array, chunk and
+Each corruption is a row of a table with its exact outcome: an error naming the file (store, array, shard and
 the samples it holds), never a silent change. A writer killed with SIGKILL at several points, creation
 included, resumes to the same store or refuses with a message; it never reads back zeros.
 """
@@ -56,7 +56,7 @@ def write_rows(writer: AttentionStoreWriter, r: dict[str, np.ndarray], start: in
 
 def build_store(path: Path, r: dict[str, np.ndarray] | None = None) -> Path:
     r = rows() if r is None else r
-    w = AttentionStoreWriter.create(path, N, LAYERS, V, chunk_samples=CHUNK, known_bg=True)
+    w = AttentionStoreWriter.create(path, N, LAYERS, V, chunk_samples=CHUNK, known_bg=True, shard_samples=CHUNK)
     write_rows(w, r, 0, N)
     w.finalize()
     return path
@@ -75,7 +75,7 @@ def store(template: Path, tmp_path: Path) -> Path:
 
 
 def chunk_file(store: Path, array: str, c: int) -> Path:
-    """The file of sample-chunk ``c`` of ``array`` (zarr 3 default keys: c/<i>/0/...)."""
+    """The file of sample-shard ``c`` of ``array`` (one chunk a shard here; zarr 3 default keys: c/<i>/0/...)."""
     return store / array / "c" / str(c) / Path(*["0"] * (NDIM[array] - 1))
 
 
@@ -101,7 +101,7 @@ def what(array: str, c: int, ids: bool = True) -> str:
     """Regex for the part of the message that names the chunk and its samples."""
     lo, hi = (int(x) for x in RANGES[c].split(".."))
     named = f", ids 'id-{lo}'..'id-{hi}'" if ids else ""
-    return re.escape(f"array '{array}' chunk {c} (samples {RANGES[c]}{named})")
+    return re.escape(f"array '{array}' shard {c} (samples {RANGES[c]}{named})")
 
 
 # (corruption, array, chunk, expected message after "<store>: ")
@@ -143,7 +143,7 @@ def test_corrupt_chunk_found_lazily_on_first_read_and_label_cli_fails(store, tmp
 
     res = CliRunner().invoke(label, [str(store), str(tmp_path / "l.parquet"), "--params", str(ROOT / "params.yaml")])
     assert res.exit_code != 0 and isinstance(res.exception, ContractError), res.output
-    assert str(res.exception).startswith(f"{store}: array 'hidden_norm' chunk 1")
+    assert str(res.exception).startswith(f"{store}: array 'hidden_norm' shard 1")
     assert not (tmp_path / "l.parquet").exists()
 
 
@@ -165,9 +165,9 @@ def test_nan_names_the_store_and_the_sample(tmp_path):
 
 
 def _partial_store(path: Path) -> Path:
-    """Chunks 0 and 2 written, chunk 1 not (a dump killed before it)."""
+    """Shards 0 and 2 written, shard 1 not (a dump killed before it)."""
     r = rows()
-    w = AttentionStoreWriter.create(path, N, LAYERS, V, chunk_samples=CHUNK)
+    w = AttentionStoreWriter.create(path, N, LAYERS, V, chunk_samples=CHUNK, shard_samples=CHUNK)
     write_rows(w, r, 0, 256)
     write_rows(w, r, 512, N)
     return path
@@ -178,22 +178,22 @@ def _partial_store(path: Path) -> Path:
     [
         (
             [0, 1, 2],
-            r"attrs claim chunk 1 \(samples 256\.\.511\) finished but record no checksum of array 'sample_id' for it",
+            r"attrs claim shard 1 \(samples 256\.\.511\) finished but record no checksum of array 'sample_id' for it",
         ),
-        ([0, 2, 3], r"attrs claim chunk 3 finished but the store has chunks 0\.\.2"),
-        ([0, 2], r"complete but chunk 1 \(samples 256\.\.511\) is not finished"),
+        ([0, 2, 3], r"attrs claim shard 3 finished but the store has shards 0\.\.2"),
+        ([0, 2], r"complete but shard 1 \(samples 256\.\.511\) is not finished"),
     ],
 )
-def test_claimed_chunks_must_exist(tmp_path, done, message):
+def test_claimed_shards_must_exist(tmp_path, done, message):
     path = _partial_store(tmp_path / "claim.zarr")
     g = zarr.open_group(str(path), mode="r+")
-    g.attrs.update(done_chunks=done, complete=True)
+    g.attrs.update(done_shards=done, complete=True)
     with pytest.raises(ContractError, match="^" + re.escape(str(path)) + ": " + message):
         open_attention_store(path)
 
 
-def test_claimed_chunk_with_a_deleted_file_is_missing(tmp_path):
-    """The v1 failure: done_chunks lists a chunk whose files are gone."""
+def test_claimed_shard_with_a_deleted_file_is_missing(tmp_path):
+    """The v1 failure: the store lists a shard done whose files are gone."""
     path = _partial_store(tmp_path / "gone.zarr")
     w = AttentionStoreWriter.open_existing(path)
     write_rows(w, rows(), 256, 512)
@@ -203,11 +203,11 @@ def test_claimed_chunk_with_a_deleted_file_is_missing(tmp_path):
         open_attention_store(path)
 
 
-def test_writer_resume_redoes_a_damaged_finished_chunk(tmp_path):
-    """A resumed writer re-checks finished chunks and writes a damaged one again instead of keeping it."""
+def test_writer_resume_redoes_a_damaged_finished_shard(tmp_path):
+    """A resumed writer re-checks finished shards and writes a damaged one again instead of keeping it."""
     path = _partial_store(tmp_path / "resume.zarr")
     flip(path, "attention", 2)
-    with pytest.warns(UserWarning, match=r"chunk 2 .*will be written again"):
+    with pytest.warns(UserWarning, match=r"shard 2 .*will be written again"):
         w = AttentionStoreWriter.open_existing(path)
     assert w.pending_ranges() == [(256, 600)]
     write_rows(w, rows(), 256, N)
@@ -216,10 +216,12 @@ def test_writer_resume_redoes_a_damaged_finished_chunk(tmp_path):
     np.testing.assert_array_equal(got, rows()["attention"])
 
 
-def test_v1_store_is_refused_with_a_clear_message(store):
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_store_is_refused_with_a_clear_message(store, version):
     g = zarr.open_group(str(store), mode="r+")
-    g.attrs["version"] = 1
-    with pytest.raises(ContractError, match="written before chunk checksums.*rerun dump"):
+    g.attrs["version"] = version
+    want = f"^{re.escape(str(store))}: written with one file per chunk \\(attention_store v{version}\\).*rerun dump"
+    with pytest.raises(ContractError, match=want):
         open_attention_store(store)
 
 
@@ -292,17 +294,17 @@ def slow_create_array(self, name, **kw):
     return out
 zarr.Group.create_array = slow_create_array
 
-record = getattr(AttentionStoreWriter, "_record_chunk", None)  # the step that marks a chunk done
+record = getattr(AttentionStoreWriter, "_record", None)  # the step that marks a shard done
 def slow_record(self, c):
     if c == 1:
         mark("before-record")
     return record(self, c)
 if record is not None:
-    AttentionStoreWriter._record_chunk = slow_record
+    AttentionStoreWriter._record = slow_record
 
 r = rows()
 print("ready", flush=True)
-w = AttentionStoreWriter.create(sys.argv[1], N, LAYERS, V, chunk_samples=CHUNK, known_bg=True)
+w = AttentionStoreWriter.create(sys.argv[1], N, LAYERS, V, chunk_samples=CHUNK, known_bg=True, shard_samples=CHUNK)
 mark("after-create")
 for s in range(0, N, 50):
     write_rows(w, r, s, min(s + 50, N), step=50)
@@ -355,7 +357,7 @@ def test_sigkill_while_writing_then_resume(tmp_path, point):
     if path.exists():
         w = AttentionStoreWriter.open_existing(path)
     else:
-        w = AttentionStoreWriter.create(path, N, LAYERS, V, chunk_samples=CHUNK, known_bg=True)
+        w = AttentionStoreWriter.create(path, N, LAYERS, V, chunk_samples=CHUNK, known_bg=True, shard_samples=CHUNK)
     for lo, hi in w.pending_ranges():
         write_rows(w, r, lo, hi)
     w.finalize()
