@@ -118,6 +118,8 @@ def test_dvc_repro_runs_every_stage_on_qwen(project):
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         cmd = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]["evaluate"]["cmd"]
         cmd = re.sub(r"--ablation \S+", "", cmd)
+        compute = yaml.safe_load((proj / "params.yaml").read_text())["compute"]
+        cmd = re.sub(r"\$\{compute\.(\w+)\}", lambda m: str(compute[m.group(1)]), cmd)  # as DVC interpolates it
         res = subprocess.run(cmd.split(), cwd=proj, env=env, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
 
