@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(work: Path, out: str, nproc: int) -> float:
     """Seconds for one decode of ``work``'s manifest into ``out``."""
-    args = ["-m", "stages.cli", "decode", "manifest.parquet", out, "--params", "params.yaml", "--no-progress"]
-    args += ["--work-dir", f"work-{out}"]
+    # run from the repository root: the manifest's image paths are relative to it
+    args = ["-m", "stages.cli", "decode", str(work / "manifest.parquet"), str(work / out)]
+    args += ["--params", str(work / "params.yaml"), "--no-progress", "--work-dir", str(work / f"work-{out}")]
     if nproc > 1:
         args = [
             "-m",
@@ -48,7 +49,7 @@ def run(work: Path, out: str, nproc: int) -> float:
         ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=work, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
