@@ -75,6 +75,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.benchmarks import BENCHMARKS
+from pipeline.benchmarks.scorers import OCRBENCH_CATEGORIES
 from pipeline.io.images import error_text, probe_image
 from pipeline.io.manifest import (
     InputError,
@@ -95,18 +96,7 @@ from pipeline.io.manifest import (
 VSTAR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 CHARTQA_TYPES = ("human_test", "augmented_test")
 POPE_CATEGORIES = ("adversarial", "popular", "random")
-OCRBENCH_TYPES = (
-    "Regular Text Recognition",
-    "Irregular Text Recognition",
-    "Artistic Text Recognition",
-    "Handwriting Recognition",
-    "Digit String Recognition",
-    "Non-Semantic Text Recognition",
-    "Scene Text-centric VQA",
-    "Doc-oriented VQA",
-    "Key Information Extraction",
-    "Handwritten Mathematical Expression Recognition",
-)
+OCRBENCH_TYPES = OCRBENCH_CATEGORIES  # the scorer's question types: a record of another type is skipped
 # lmms-eval's split of each benchmark (test_split), as lmms-lab and HR-Bench name their Parquet files
 SPLITS = {
     "textvqa": ("validation",),
