@@ -13,6 +13,7 @@ Prints:
     python bench/bench_two_stage.py --preset qwen7b --visual 4096 --device cuda   # Qwen2.5-VL-7B shape, B=16 R=3
     python bench/bench_two_stage.py --preset embedded --R 1 --crop-size 112       # a shallower RPN, smaller crops
     python bench/bench_two_stage.py --preset qwen_small --visual 196              # CPU, a small Qwen2.5-VL
+    python bench/bench_two_stage.py --preset deepseek1_3b --batch 2 --repeats 1   # DeepSeek-VL-1.3B shape, B=9 R=3
 
 Weights are random (no download); every answer is forced to the same length so both sides do equal work.
 The stage-2 crop is a fixed 4x4-token region per image (a typical RoI), so the timing does not depend on
@@ -43,6 +44,8 @@ PRESETS = {
     "qwen7b": dict(family="qwen", B=16, R=3, batch=8, new_tokens=16, dump_layer=16),
     # CPU-sized Qwen2.5-VL (windowed vision tower, M-RoPE) of about the embedded LLaVA's size
     "qwen_small": dict(family="qwen", B=3, R=3, batch=8, new_tokens=8, dump_layer=3),
+    # DeepSeek-VL-1.3B: SigLIP-L/16 at 384 px (576 tokens), 24-layer LLaMA decoder; the authors' K9T3 RPN
+    "deepseek1_3b": dict(family="deepseek", B=9, R=3, batch=8, new_tokens=16, dump_layer=10),
 }
 QWEN_SMALL = dict(
     vision_hidden=128,
@@ -60,12 +63,18 @@ QWEN_SMALL = dict(
 
 
 def build(preset: dict, device: torch.device, dtype: torch.dtype, visual: int, crop_size: int | None = None):
-    """A random-weight model of the preset's shape, wrapped in its adapter (LLaVA: stage-2 crops at ``crop_size``)."""
+    """A random-weight model of the preset's shape, wrapped in its adapter (LLaVA, DeepSeek-VL: stage-2 crops at
+    ``crop_size``)."""
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             if preset["family"] == "llava":
                 model, processor = build_toy_llava(WORDS, preset["sizes"])
+                kwargs = {"crop_size": crop_size}
+            elif preset["family"] == "deepseek":
+                from toymodels.deepseek import build_toy_deepseek, deepseek_vl_sizes
+
+                model, processor = build_toy_deepseek(WORDS, deepseek_vl_sizes("1.3b"))
                 kwargs = {"crop_size": crop_size}
             else:
                 from toymodels.qwen import ToyQwenSizes, build_toy_qwen, qwen25_vl_sizes
@@ -89,7 +98,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--B", type=int, default=None, help="frozen layers (default: the preset's)")
     ap.add_argument("--R", type=int, default=None, help="RPN layers (default: the preset's)")
-    ap.add_argument("--crop-size", type=int, default=None, help="LLaVA: stage-2 crop side, px (default: base view)")
+    ap.add_argument("--crop-size", type=int, default=None, help="LLaVA/DeepSeek: stage-2 crop side, px (default: base)")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     device = torch.device(args.device)

@@ -20,7 +20,7 @@ from pipeline.io.contracts import read_parquet
 from pipeline.io.locks import atomic_path
 from pipeline.io.resumable import job_key
 from pipeline.models import load_adapter
-from pipeline.student.params import TrainParams
+from pipeline.student.params import TrainParams, resolve_train_params
 from pipeline.student.train import PLOT_COLUMNS, join_samples, params_dict, train_rpn
 from stages.common import (
     fingerprints,
@@ -31,8 +31,14 @@ from stages.common import (
     write_text,
     writing,
 )
-from stages.params import section
+from stages.params import apply_overrides, checked, raw_section, section
 from stages.preflight import probe_model
+
+
+def train_params(params_path: Path, overrides: tuple[str, ...] = ()) -> TrainParams:
+    """The ``train`` section resolved against its preset (``train.preset``), every key listed and checked."""
+    values = apply_overrides(raw_section(params_path, "train"), overrides)
+    return checked(lambda: resolve_train_params(values, complete=True), params_path)
 
 
 @click.command("train")
@@ -65,7 +71,7 @@ def train(
     """Write CKPT_OUT (RPN weights + rpn_config.json) trained on LABELS_PATH for the samples of MANIFEST_PATH."""
     # every params value is checked, also against the model's config, before weights load or a state dir exists
     model = section(params_path, "model", ModelParams)
-    params = section(params_path, "train", TrainParams, overrides)
+    params = train_params(params_path, overrides)
     n_layers = len(probe_model(params_path, model).decoder_layers)
     if n_layers < params.B + params.R:  # the RPN copies layers B..B+R-1
         raise click.UsageError(

@@ -12,12 +12,13 @@ from click.testing import CliRunner
 from pipeline.config import ModelParams, ParamsError, parse_section
 from pipeline.inference.params import EvalParams
 from pipeline.io.manifest import PrepareParams
-from pipeline.student.params import TrainParams
+from pipeline.student.params import TrainParams, resolve_train_params
 from pipeline.teacher.params import DecodeParams, DumpParams
 from pipeline.world.generator import WorldParams, WorldSection
 from stages.evaluate_params import eval_params
 from stages.label import label_params
 from stages.params import section
+from stages.train import train_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {
@@ -27,7 +28,6 @@ SECTIONS = {
     "prepare_eval": PrepareParams,
     "decode": DecodeParams,
     "dump": DumpParams,
-    "train": TrainParams,
 }
 
 
@@ -43,6 +43,7 @@ def _params(tmp_path: Path, edit=None) -> Path:
 def _every_section(path: Path) -> None:
     for name, cls in SECTIONS.items():
         section(path, name, cls)
+    train_params(path)
     label_params(path)
     eval_params(path)
 
@@ -51,8 +52,8 @@ def test_shipped_params_parse_with_the_values_written(tmp_path):
     path = _params(tmp_path)
     raw = yaml.safe_load(path.read_text())
     _every_section(path)
-    assert section(path, "train", TrainParams).lr == raw["train"]["lr"] == 1e-3
-    assert section(path, "train", TrainParams).betas == (0.9, 0.98)  # YAML list -> tuple
+    assert train_params(path).lr == raw["train"]["lr"] == 1e-3
+    assert train_params(path).betas == (0.9, 0.98)  # YAML list -> tuple
     assert section(path, "world", WorldSection).generator == WorldParams()
     ev = eval_params(path)
     # derived: the raw-attention ablation reads the label map's layers and the rows the dump captured
@@ -74,6 +75,8 @@ def test_shipped_params_parse_with_the_values_written(tmp_path):
         (lambda d: d["model"].update(device="gpu"), "model.device: must be one of ['auto', 'cpu', 'cuda', 'mps']"),
         (lambda d: d["train"].update(B="three"), "train.B: Input should be a valid integer"),
         (lambda d: d["train"].update(global_batch=0), "train.global_batch: must be >= 1 (got 0)"),
+        (lambda d: d["train"].update(preset="deepseek"), "train.preset: unknown preset 'deepseek'"),
+        (lambda d: d["train"].pop("preset"), "train: missing key(s) ['preset']"),
         (lambda d: d["label"].update(tau_fg=1.5), "label.tau_fg: must lie in [0, 1] (got 1.5)"),
         (lambda d: d["label"].update(preset="llava"), "label.preset: unknown preset 'llava'"),
         (lambda d: d["evaluate"].update(modes=["masked", "crop"]), "evaluate.modes.1: Input should be 'masked'"),
@@ -142,3 +145,23 @@ def test_readme_params_examples_parse(tmp_path):
 
         path = _params(tmp_path, merge)
         _every_section(path)
+
+
+def test_train_preset_fills_what_is_null_and_explicit_keys_win(tmp_path):
+    def deepseek(d):
+        d["train"].update(preset="deepseek_vl_1_3b", B=None, R=None)
+
+    p = train_params(_params(tmp_path, deepseek))
+    assert (p.B, p.R) == (9, 3)  # the authors' DeepSeek-VL-1.3B RPN, K9T3
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    assert (p.lr, p.global_batch) == (raw["lr"], raw["global_batch"])  # not published for DeepSeek: kept
+
+    def llava(d):
+        d["train"].update(preset="llava_1_5_7b", B=None, lr=None, global_batch=None, R=2)
+
+    p = train_params(_params(tmp_path, llava))
+    assert (p.B, p.R, p.lr, p.global_batch) == (15, 2, 5e-5, 512)  # R set explicitly beats the preset's 3
+    q = resolve_train_params({"preset": "qwen2_5_vl_7b"})
+    assert (q.B, q.R, q.lr, q.global_batch, q.grad_clip) == (16, 3, 1e-4, 128, 1.0)
+    assert resolve_train_params({"preset": "qwen2_5_vl_3b"}).B == 21
+    assert resolve_train_params({}) == TrainParams()  # no preset: the library defaults

@@ -23,7 +23,6 @@ from pipeline.io.contracts import read_parquet, write_parquet
 from pipeline.io.manifest import MANIFEST_COLUMNS
 from pipeline.io.resumable import PartStore
 from pipeline.models import resolve_dtype, wrap_model
-from pipeline.student.params import TrainParams
 from pipeline.student.rpn import RPN
 from pipeline.teacher.decode import RESPONSE_COLUMNS, decode_batch, decode_manifest
 from pipeline.teacher.params import DecodeParams, DumpParams
@@ -32,6 +31,7 @@ from stages.cli import main
 from stages.evaluate_params import eval_params
 from stages.label import label_params
 from stages.params import section
+from stages.train import train_params
 from tests.conftest import WORDS, random_images
 from toymodels.llava import ToyLlavaSizes, build_toy_llava
 
@@ -41,7 +41,6 @@ SECTIONS = {
     "model": ModelParams,
     "decode": DecodeParams,
     "dump": DumpParams,
-    "train": TrainParams,
 }
 SHORT = "what is in the red box ?"
 CONTEXT = 2048  # the conftest toy LLaVA's max_position_embeddings
@@ -69,6 +68,8 @@ def _parse(path: Path, name: str) -> None:
         label_params(path)
     elif name == "evaluate":
         eval_params(path)
+    elif name == "train":
+        train_params(path)
     else:
         section(path, name, SECTIONS[name])
 

@@ -52,6 +52,15 @@ def test_other_presets_match_spec_table():
     assert set(PRESETS) >= {"paper", "llava_1_5_7b", "llava_1_5_13b", "qwen2_5_vl_3b", "qwen2_5_vl_7b"}
 
 
+def test_deepseek_preset_is_the_middle_band_with_paper_rules():
+    ds = resolve_label_params({"preset": "deepseek_vl_1_3b"})
+    assert ds.layers == [10, 11, 12, 13] and ds.heads is None  # every head of the middle layers of 24
+    assert (ds.sink_method, ds.strict, ds.max_box_frac, ds.min_a_max) == ("norm", False, None, None)
+    assert dump_requirements(ds) == {"layers": [10, 11, 12, 13], "per_head": False}
+    # one params.yaml edit replaces the provisional layers
+    assert resolve_label_params({"preset": "deepseek_vl_1_3b", "layers": [8, 9]}).layers == [8, 9]
+
+
 def test_explicit_keys_override_and_null_keeps_the_preset():
     p = resolve_label_params({"preset": "qwen2_5_vl_7b", "tau_fg": 0.3, "strict": False, "min_a_max": None})
     assert (p.tau_fg, p.strict, p.min_a_max) == (0.3, False, 5e-3)

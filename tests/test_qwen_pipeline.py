@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,75 +26,39 @@ from PIL import Image
 from pipeline.io.contracts import read_parquet
 from pipeline.models import wrap_model
 from tests.conftest import WORDS
+from tests.dvc_project import SIZES, WORLD, new_project, run_dvc, write_records
 from toymodels.qwen import build_toy_qwen, save_toy_qwen
 
-ROOT = Path(__file__).resolve().parent.parent
-# (width, height): 1:1, 16:9, 9:16, 3:1
-SIZES = [(84, 84), (160, 90), (90, 160), (168, 56)]
 RESOLUTION = {"mode": "native", "min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}  # 4 .. 16 merged tokens
 PADDED = {"mode": "fixed", "size": 112, "pad": True}  # the paper's view at toy size: a grey square, 4 x 4 tokens
-QUESTIONS = ["what is in the red box ?", "what colour is the shape ?", "what is in the blue box ?"]
-WORLD = {"world", "world_eval"}  # the synthetic world: nothing depends on it once prepare reads other records
 CHAINS = [
     ["prepare", "decode", "dump", "label", "train", "evaluate"],
     ["prepare_eval", "evaluate"],
     ["dump", "label_report"],
 ]
-
-
-def _dvc(project: Path, *args: str) -> str:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, f"dvc {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
-    return res.stdout + res.stderr
-
-
-def _records(path: Path, n: int, seed: int) -> list[tuple[int, int]]:
-    """``n`` samples cycling through SIZES, a red box on noise each; returns their (width, height)."""
-    rng = np.random.default_rng(seed)
-    (path.parent / "img").mkdir(parents=True, exist_ok=True)
-    rows, sizes = [], []
-    for i in range(n):
-        w, h = SIZES[i % len(SIZES)]
-        pixels = rng.integers(0, 200, (h, w, 3), dtype=np.uint8)
-        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-        pixels[y0 : y0 + h // 3, x0 : x0 + w // 3] = (255, 0, 0)
-        name = f"img/{path.stem}-{i}.png"
-        Image.fromarray(pixels).save(path.parent / name)
-        box = [x0, y0, x0 + w // 3, y0 + h // 3]
-        rows.append(
-            {"sample_id": f"{path.stem}-{i}", "image": name, "question": QUESTIONS[i % 3], "answer": "red", "box": box}
-        )
-        sizes.append((w, h))
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return sizes
+_dvc = run_dvc
 
 
 @pytest.fixture(scope="module", params=[RESOLUTION, PADDED], ids=["native", "fixed-pad"])
 def project(request, tmp_path_factory) -> tuple[Path, list[tuple[int, int]], list[tuple[int, int]], dict]:
     resolution = request.param
     proj = tmp_path_factory.mktemp("qwen-proj")
-    for name in ("pipeline", "stages", "schemas"):
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     model, processor = build_toy_qwen(WORDS, seed=0)
     save_toy_qwen(model, processor, proj / "models" / "tiny-qwen")
-    train_sizes = _records(proj / "data" / "train.jsonl", 8, seed=1)
-    eval_sizes = _records(proj / "data" / "eval.jsonl", 4, seed=2)
+    train_sizes = write_records(proj / "data" / "train.jsonl", 8, seed=1)
+    eval_sizes = write_records(proj / "data" / "eval.jsonl", 4, seed=2)
 
-    # only params.yaml changes
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"].update(path="models/tiny-qwen", resolution=resolution, device="cpu", dtype="float32")
-    params["prepare"].update(input="data/train.jsonl")
-    params["prepare_eval"].update(input="data/eval.jsonl")
-    params["decode"].update(batch_size=4, max_new_tokens=3)
-    params["dump"].update(layers=[1, 2], per_head=True, batch_size=4)
-    params["label"].update(heads={2: [0, 3]}, sink_norm_layer=1)  # the toy has 4 layers of 4 heads
-    params["train"].update(B=1, R=2, lr=1e-4, global_batch=4, micro_batch=2, holdout_frac=0.25, save_every=1)
-    params["evaluate"].update(batch_size=4, max_new_tokens=3)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-    _dvc(proj, "init", "-q")
+    def edit(params):  # only params.yaml changes
+        params["model"].update(path="models/tiny-qwen", resolution=resolution, device="cpu", dtype="float32")
+        params["prepare"].update(input="data/train.jsonl")
+        params["prepare_eval"].update(input="data/eval.jsonl")
+        params["decode"].update(batch_size=4, max_new_tokens=3)
+        params["dump"].update(layers=[1, 2], per_head=True, batch_size=4)
+        params["label"].update(heads={2: [0, 3]}, sink_norm_layer=1)  # the toy has 4 layers of 4 heads
+        params["train"].update(B=1, R=2, lr=1e-4, global_batch=4, micro_batch=2, holdout_frac=0.25, save_every=1)
+        params["evaluate"].update(batch_size=4, max_new_tokens=3)
+
+    new_project(proj, edit)
     return proj, train_sizes, eval_sizes, resolution
 
 

@@ -13,6 +13,8 @@ of transformers.
 
 - LLaVA (:class:`pipeline.models.llava.LlavaAdapter`): crops stretched to the base view (or to its
   ``crop_size``, fewer tokens), 1-D positions.
+- DeepSeek-VL (:class:`pipeline.models.deepseek_vl.DeepseekVLAdapter`): as LLaVA; the original view is its
+  processor's resize-then-pad square.
 - Qwen2.5-VL (:class:`pipeline.models.qwen2_5_vl.Qwen25VLAdapter`): crops at the configured resolution
   (fixed size, padded to a grey square first with ``pad``, or native within the pixel budget), positions as
   the model computes them for a second image.

@@ -10,10 +10,15 @@ import torch
 
 from pipeline.config import canonical_dtype
 from pipeline.models.base import Batch, ModelAdapter
+from pipeline.models.deepseek_vl import DeepseekVLAdapter
 from pipeline.models.llava import LlavaAdapter
 from pipeline.models.qwen2_5_vl import Qwen25VLAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {"llava": LlavaAdapter, "qwen2_5_vl": Qwen25VLAdapter}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "llava": LlavaAdapter,
+    "qwen2_5_vl": Qwen25VLAdapter,
+    "deepseek_vl": DeepseekVLAdapter,
+}
 
 __all__ = [
     "ADAPTERS",

@@ -12,6 +12,12 @@ there is a centre crop):
    ``get_resize_output_image_size``);
 3. optional centre crop to ``crop_hw`` at ``((resized - crop) // 2)`` per axis.
 
+DeepSeek-VL's processor works the other way round (``longest_edge``): it resizes the long side to the
+base view first (each side ``max(round(side * view / long), min_size)``, transformers'
+``DeepseekVLImageProcessorPil.resize``) and then pads the resized image to a centred square, offset
+``(view - resized) // 2``; the frame then follows from the resized sides, which rounding makes differ
+slightly from a pad-then-resize.
+
 Conventions: grid boxes are ``(y0, x0, y1, x1)`` with inclusive token indices (as
 :mod:`pipeline.inference.roi` makes them); source boxes are ``(x0, y0, x1, y1)`` pixels with the far edge
 exclusive (``PIL.Image.crop`` order). Arithmetic is exact (fractions), so results do not depend on
@@ -52,12 +58,15 @@ class ViewSpec:
     """How a processor maps an image onto its base view.
 
     ``shortest_edge`` None means a plain resize straight to the base view (``crop_hw`` is then
-    irrelevant); ``crop_hw`` None means no centre crop.
+    irrelevant); ``crop_hw`` None means no centre crop. ``longest_edge`` (DeepSeek-VL) means: resize the
+    long side to it (no side below ``min_size``), then pad to a centred square when ``pad_to_square``.
     """
 
     pad_to_square: bool = True
     shortest_edge: int | None = None
     crop_hw: tuple[int, int] | None = None
+    longest_edge: int | None = None
+    min_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ def grid_frame(width: int, height: int, view: ViewSpec | bool = True) -> Frame:
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width} x {height}")
     spec = _as_spec(view)
+    if spec.longest_edge is not None:
+        return _resize_then_pad_frame(width, height, spec)
     x0 = y0 = Fraction(0)
     pw, ph = width, height
     if spec.pad_to_square:
@@ -95,6 +106,19 @@ def grid_frame(width: int, height: int, view: ViewSpec | bool = True) -> Frame:
         raise ValueError(f"centre crop {spec.crop_hw} is larger than the resized image {(rh, rw)}")
     sx, sy = Fraction(pw, rw), Fraction(ph, rh)  # source pixels per resized pixel
     return Frame(x0 + ((rw - cw) // 2) * sx, y0 + ((rh - ch) // 2) * sy, cw * sx, ch * sy)
+
+
+def _resize_then_pad_frame(width: int, height: int, spec: ViewSpec) -> Frame:
+    """The frame of a resize of the long side to ``spec.longest_edge``, then (optionally) a centred pad."""
+    side = spec.longest_edge
+    delta = side / max(width, height)  # the same float expression as transformers' DeepSeek-VL resize
+    rw, rh = max(round(width * delta), spec.min_size), max(round(height * delta), spec.min_size)
+    sx, sy = Fraction(width, rw), Fraction(height, rh)  # source pixels per resized pixel
+    if not spec.pad_to_square:
+        return Frame(Fraction(0), Fraction(0), Fraction(width), Fraction(height))
+    square = max(rw, rh)  # the processor pads to the resized long side
+    ox, oy = (square - rw) // 2, (square - rh) // 2
+    return Frame(-ox * sx, -oy * sy, square * sx, square * sy)
 
 
 def grid_box_to_source(

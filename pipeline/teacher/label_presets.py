@@ -70,6 +70,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sink_attn_heads": [4, 22],
     },
     "qwen2_5_vl_7b_text": {**_QWEN_TEXT, "heads": {22: [1, 4], 23: [6, 11]}},
+    # PROVISIONAL: neither the paper nor the public code gives DeepSeek-VL's label layers or heads. By the paper's
+    # rule (Appendix A: the middle layers hold the grounding signal; a range of layers is averaged) this is the
+    # middle band of DeepSeek-VL-1.3B's 24 decoder layers, every head, with the paper's norm-based sinks (eq. 1)
+    # and plain thresholds. One params.yaml edit replaces it (label.layers / label.heads).
+    "deepseek_vl_1_3b": {"layers": [10, 11, 12, 13]},
 }
 
 
