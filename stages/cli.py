@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "inspect": "stages.inspect:inspect",
     "report": "stages.report:report",
     "import-authors-labels": "stages.import_authors_labels:import_authors_labels",
+    "select-heads": "stages.select_heads:select_heads_cmd",
+    "launch": "stages.launch:launch",
 }
 
 

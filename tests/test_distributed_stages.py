@@ -20,9 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _sdrpn(project: Path, *args: str, nproc: int = 1, module: str = "stages.cli", env: dict | None = None):
-    """Run a stage as one plain process, or under torchrun with ``nproc`` processes."""
+    """Run a stage as one plain process, or with ``nproc`` processes: through ``sdrpn launch`` as dvc.yaml does,
+    or, for a wrapper ``module`` (tests/die_after.py), under torchrun directly."""
     cmd = [sys.executable, "-m", module, *args, "--params", str(project / "params.yaml"), "--no-progress"]
-    if nproc > 1:
+    if nproc > 1 and module == "stages.cli":
+        cmd = [sys.executable, "-m", module, "launch", "--nproc-per-node", str(nproc), *cmd[3:]]
+    elif nproc > 1:
         launcher = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc)]
         launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0"]
         cmd = [sys.executable, *launcher, "-m", module, *cmd[3:]]

@@ -61,14 +61,34 @@ SECTION_READERS = {"section": (1, "name"), "raw_section": (1, "name"), "load_sec
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STAGES = DVC_YAML["stages"]
+# the pipelines off the default path (their wdir is the project root, so their paths read as dvc.yaml's)
+OTHER_STAGES = {
+    f"{f.parent.name}/dvc.yaml:{name}": stage
+    for f in sorted(ROOT.glob("*/dvc.yaml"))
+    for name, stage in yaml.safe_load(f.read_text())["stages"].items()
+}
+
+
+LAUNCH_OPTIONS = {"--nnodes": "nnodes", "--nproc-per-node": "nproc_per_node", "--rdzv-endpoint": "rdzv_endpoint"}
+
+
+def _launched(words: list[str], cmd: str) -> list[str]:
+    """``sdrpn launch --nnodes ... <command> ...`` -> ``sdrpn <command> ...``; each launch option must be given
+    params.yaml's ``compute`` value (the model stages' process count comes from there)."""
+    rest = words[2:]
+    while rest and rest[0].startswith("--"):
+        flag, value = rest[0], rest[1]
+        assert flag in LAUNCH_OPTIONS, f"cmd {cmd!r}: unknown launch option {flag}"
+        assert value == f"${{compute.{LAUNCH_OPTIONS[flag]}}}", f"cmd {cmd!r}: {flag} must be compute's"
+        rest = rest[2:]
+    return ["sdrpn", *rest]
 
 
 def _stage_module(cmd: str) -> tuple[Path, list[str]]:
-    """The stage module behind ``[torchrun ... --no-python] sdrpn <command> ...`` and the words from ``sdrpn`` on."""
+    """The stage module behind ``sdrpn [launch ...] <command> ...`` and the words of ``sdrpn <command> ...``."""
     words = shlex.split(cmd)
-    if words[:1] == ["torchrun"]:  # the model stages run under torchrun with params.yaml's compute section
-        assert "--no-python" in words and "sdrpn" in words, f"cmd {cmd!r}: torchrun must launch `--no-python sdrpn`"
-        words = words[words.index("sdrpn") :]
+    if words[:2] == ["sdrpn", "launch"]:  # the model stages: one process, or torchrun by params.yaml's compute
+        words = _launched(words, cmd)
     assert words[:1] == ["sdrpn"] and len(words) > 1, f"cmd {cmd!r} does not run the sdrpn CLI"
     assert words[1] in COMMANDS, f"sdrpn has no command {words[1]!r} (stages/cli.py COMMANDS)"
     module = module_file(COMMANDS[words[1]].partition(":")[0])
@@ -139,6 +159,8 @@ def check_stage(name: str, stage: dict) -> list[str]:
     """Everything wrong with one stage's deps and params, one line each."""
     stage_module, words = _stage_module(stage["cmd"])
     code = closure(stage_module)
+    if shlex.split(stage["cmd"])[:2] == ["sdrpn", "launch"]:  # the launcher's code runs the stage too
+        code = {**closure(module_file("stages.launch")), **code}
     problems: list[str] = []
     # the project files the stage runs (docstring-only package __init__.py files run nothing: optional)
     required = {f for f in code if f.name != "__init__.py" or runs_code(f)}
@@ -198,7 +220,9 @@ def check_stage(name: str, stage: dict) -> list[str]:
 
 
 def test_every_stage_lists_exactly_the_code_schemas_and_params_it_uses():
-    report = {name: check_stage(name, stage) for name, stage in STAGES.items()}
+    assert OTHER_STAGES, "selection/dvc.yaml is missing"
+    assert all(stage.get("wdir") == ".." for stage in OTHER_STAGES.values())
+    report = {name: check_stage(name, stage) for name, stage in {**STAGES, **OTHER_STAGES}.items()}
     bad = {name: problems for name, problems in report.items() if problems}
     lines = [f"{name}:\n" + "\n".join(f"  {p}" for p in problems) for name, problems in bad.items()]
     assert not bad, "dvc.yaml deps/params out of step with the code:\n" + "\n".join(lines)

@@ -1,7 +1,8 @@
 """Named label-parameter presets: the reference code's per-model settings (SPEC section 4) by one name.
 
-``label: {preset: qwen2_5_vl_7b}`` in params.yaml fills every field the preset sets; explicit keys next
-to it override the preset, and a key left ``null`` counts as unset (it keeps the preset's value), so
+``label: {preset: qwen2_5_vl_7b}`` in params.yaml fills every field the preset sets; ``preset_file`` (a YAML file of
+label keys, e.g. what ``sdrpn select-heads`` proposes) overrides the preset; explicit keys next to them override
+both, and a key left ``null`` counts as unset (it keeps the preset's value), so
 params.yaml may keep listing every key for documentation. ``paper`` is the plain :class:`LabelParams`
 defaults (paper eq. 1-2, norm-based sinks). Layers and heads are 0-indexed model indices; the dump
 must store them (``per_head: true`` and the layers of :func:`dump_requirements`).
@@ -78,11 +79,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-LABEL_KEYS = ("preset", *(f.name for f in fields(LabelParams)))
+LABEL_KEYS = ("preset", "preset_file", *(f.name for f in fields(LabelParams)))
 
 
-def resolve_label_params(section: dict[str, Any] | None, complete: bool = False) -> LabelParams:
-    """LabelParams from a params.yaml ``label`` section: the named ``preset`` (default ``paper``) plus overrides.
+def resolve_label_params(
+    section: dict[str, Any] | None, complete: bool = False, preset_file: dict[str, Any] | None = None
+) -> LabelParams:
+    """LabelParams from a params.yaml ``label`` section: the named ``preset`` (default ``paper``), then the keys of
+    the section's ``preset_file`` (given here already read, as ``preset_file``: e.g. what ``select-heads`` wrote),
+    then the section's own non-null keys.
 
     Raises :class:`~pipeline.config.ParamsError` naming ``label.<key>`` for an unknown key or a bad value, and
     with ``complete`` (the stages) for a key the section does not list (``null`` counts as listed).
@@ -91,10 +96,17 @@ def resolve_label_params(section: dict[str, Any] | None, complete: bool = False)
     if complete:
         require_keys(section, LABEL_KEYS, "label")
     name = section.pop("preset", None) or "paper"
+    path = section.pop("preset_file", None)
     if name not in PRESETS:
         raise ParamsError(f"label.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    from_file = dict(preset_file or {})
+    if path is not None and preset_file is None:
+        raise ParamsError(f"label.preset_file: {path} was not read (the stage reads it)")
+    unknown = sorted(set(from_file) - set(LABEL_KEYS[2:]))
+    if unknown:
+        raise ParamsError(f"label.preset_file: {path}: unknown key(s) {unknown}; known: {list(LABEL_KEYS[2:])}")
     overrides = {k: v for k, v in section.items() if v is not None}
-    return parse_section(LabelParams, {**PRESETS[name], **overrides}, "label")
+    return parse_section(LabelParams, {**PRESETS[name], **from_file, **overrides}, "label")
 
 
 def dump_requirements(params: LabelParams) -> dict[str, Any]:
