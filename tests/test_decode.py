@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 import torch
 
 import pipeline.teacher.decode as decode_mod
 from pipeline.io.manifest import build_manifest, records_from_table
 from pipeline.io.resumable import PartStore
-from pipeline.teacher.decode import decode_batch, decode_manifest
+from pipeline.teacher.decode import RESPONSE_COLUMNS, decode_batch, decode_manifest
 from pipeline.teacher.params import DecodeParams
 from tests.conftest import random_images
 
@@ -62,4 +61,9 @@ def test_decode_resumes_without_redoing_batches(adapter, records_jsonl, tmp_path
     assert table.column("sample_id").to_pylist() == manifest.column("sample_id").to_pylist()
     fresh = decode_manifest(adapter, manifest, params, PartStore(tmp_path / "w2", "decode", "k2"), progress=False)
     assert table.column("response_token_ids").to_pylist() == fresh.column("response_token_ids").to_pylist()
-    assert isinstance(table, pa.Table)
+    assert table.schema.equals(RESPONSE_COLUMNS)
+    assert table.to_pylist() == fresh.to_pylist()  # every column, not only the tokens: resuming changes nothing
+    assert table.column("skip_reason").null_count == table.num_rows  # all six fit the context
+    assert set(table.column("finish_reason").to_pylist()) <= {"eos", "length"}
+    lengths = [len(t) for t in table.column("response_token_ids").to_pylist()]
+    assert all(1 <= n <= params.max_new_tokens for n in lengths), lengths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,36 @@ from click.testing import CliRunner
 from pipeline.teacher.label_presets import PRESETS, dump_requirements, resolve_label_params
 from pipeline.teacher.labels import LabelParams
 
+# The paper's label rules (eq. 1-2, SPEC 1.3-1.4) written out, every LabelParams field: all stored layers and heads,
+# norm-based sinks at 10x the median norm, fg a >= 0.2 a_max, bg a <= 0.1 a_max outside the fg box (non-strict),
+# no reference-code extras (box-size / peak filters, soft targets, blurred box, known padding), float64 maps.
+PAPER = {
+    "layers": None,
+    "heads": None,
+    "sink_method": "norm",
+    "sink_norm_factor": 10.0,
+    "sink_norm_abs": None,
+    "sink_norm_layer": None,
+    "sink_attn_layer": None,
+    "sink_attn_heads": None,
+    "sink_attn_threshold": 1e-3,
+    "tau_fg": 0.2,
+    "tau_bg": 0.1,
+    "strict": False,
+    "max_box_frac": None,
+    "min_a_max": None,
+    "soft_targets": False,
+    "map_dtype": "float64",
+    "box_blur": False,
+    "mask_known_bg": False,
+}
+
 
 def test_paper_is_the_plain_defaults():
-    assert resolve_label_params({}) == LabelParams()
-    assert (LabelParams().map_dtype, LabelParams().box_blur) == ("float64", False)
-    assert resolve_label_params(None) == LabelParams()
-    assert resolve_label_params({"preset": "paper"}) == LabelParams()
+    assert asdict(resolve_label_params({})) == PAPER  # a new field must be written out here too
+    assert asdict(resolve_label_params(None)) == PAPER
+    assert asdict(resolve_label_params({"preset": "paper"})) == PAPER
+    assert asdict(LabelParams()) == PAPER
 
 
 def test_qwen_7b_preset_matches_spec_table():
