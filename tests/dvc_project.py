@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # (width, height): 1:1, 16:9, 9:16, 3:1
 SIZES = [(84, 84), (160, 90), (90, 160), (168, 56)]
 QUESTIONS = ["what is in the red box ?", "what colour is the shape ?", "what is in the blue box ?"]
+# what a DVC project copy needs besides dvc.yaml and params.yaml (every dvc.yaml dependency that is a folder)
+PROJECT_DIRS = ("pipeline", "stages", "schemas", "presets")
 WORLD = {"world", "world_eval"}  # the synthetic world: nothing depends on it once prepare reads other records
 
 
@@ -51,9 +53,9 @@ def write_records(path: Path, n: int, seed: int) -> list[tuple[int, int]]:
 
 
 def new_project(proj: Path, params_edit) -> None:
-    """Copy the code, schemas and dvc.yaml into ``proj``, write params.yaml as ``params_edit(params)`` leaves the
-    project's own, and initialise git and DVC there."""
-    for name in ("pipeline", "stages", "schemas"):
+    """Copy the code, schemas, presets and dvc.yaml into ``proj``, write params.yaml as ``params_edit(params)`` leaves
+    the project's own, and initialise git and DVC there."""
+    for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ from tests.depgraph import (
     runs_code,
     schema_files,
 )
+from tests.dvc_project import PROJECT_DIRS, run_dvc
 
 CODE_DIRS = ("pipeline", "stages", "schemas", "toymodels")  # project files a stage may list as deps
 MODEL_DEP = "${model.path}"
@@ -249,17 +248,10 @@ def test_model_dir_dep_is_exactly_what_loading_reads():
     assert model_dir / "model.safetensors" in loaded and model_dir / "config.json" in loaded
 
 
-def _dvc(project: Path, *args: str) -> str:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, f"dvc {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
-    return res.stdout + res.stderr
-
-
 @pytest.fixture
 def label_project(tmp_path: Path) -> Path:
     """The project's code and DVC files in a fresh repo, with ``label``'s data deps and outs as placeholders."""
-    for name in ("pipeline", "stages", "schemas"):
+    for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, tmp_path / name)
@@ -272,14 +264,14 @@ def label_project(tmp_path: Path) -> Path:
         (tmp_path / out).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / out).write_text("labels\n")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    _dvc(tmp_path, "init", "-q")
+    run_dvc(tmp_path, "init", "-q")
     return tmp_path
 
 
 def test_editing_label_presets_marks_label_changed(label_project: Path):
-    _dvc(label_project, "commit", "-f", "label")  # record the lock as if label had run
-    assert "up to date" in _dvc(label_project, "status", "label")
+    run_dvc(label_project, "commit", "-f", "label")  # record the lock as if label had run
+    assert "up to date" in run_dvc(label_project, "status", "label")
     with open(label_project / "pipeline/teacher/label_presets.py", "a") as fh:
         fh.write("# edited\n")
-    out = _dvc(label_project, "status", "label")
+    out = run_dvc(label_project, "status", "label")
     assert "label:" in out and "modified:" in out and "pipeline/teacher/label_presets.py" in out, out

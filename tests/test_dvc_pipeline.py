@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline.io.contracts import read_metadata, read_parquet
+from tests.dvc_project import new_project, run_dvc
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = {
@@ -43,13 +44,6 @@ CHAINS = [
 ]
 
 
-def _dvc(project: Path, *args: str) -> str:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, f"dvc {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
-    return res.stdout + res.stderr
-
-
 def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
@@ -57,25 +51,22 @@ def _ran(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, toy_dir) -> Path:
     proj = tmp_path_factory.mktemp("proj")
-    for name in ("pipeline", "stages", "schemas"):
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     shutil.copytree(toy_dir, proj / "models" / "tiny")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["world"].update(n_train=10, n_eval=4)
-    params["model"].update(path="models/tiny", device="cpu", dtype="float32")
-    params["decode"].update(batch_size=4, max_new_tokens=3)
-    params["dump"].update(layers=[1, 2], batch_size=4)
-    params["train"].update(B=1, R=2, global_batch=4, micro_batch=2, holdout_frac=0.2, save_every=1)
-    params["evaluate"].update(batch_size=4, max_new_tokens=3)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-    _dvc(proj, "init", "-q")
+
+    def edit(params: dict) -> None:
+        params["world"].update(n_train=10, n_eval=4)
+        params["model"].update(path="models/tiny", device="cpu", dtype="float32")
+        params["decode"].update(batch_size=4, max_new_tokens=3)
+        params["dump"].update(layers=[1, 2], batch_size=4)
+        params["train"].update(B=1, R=2, global_batch=4, micro_batch=2, holdout_frac=0.2, save_every=1)
+        params["evaluate"].update(batch_size=4, max_new_tokens=3)
+
+    new_project(proj, edit)
     return proj
 
 
 def test_repro_runs_every_stage_then_nothing(project):
-    first = _ran(_dvc(project, "repro"))
+    first = _ran(run_dvc(project, "repro"))
     assert set(first) == STAGES and len(first) == len(STAGES)
     for chain in CHAINS:
         assert [s for s in first if s in chain] == chain
@@ -101,13 +92,13 @@ def test_repro_runs_every_stage_then_nothing(project):
     soft = pl.read_parquet(project / "artifacts/ablation/labels_noassign.parquet")
     assert soft["soft_target"].arr.max().max() == 1.0 and soft["n_sink"].sum() == 0
     assert read_metadata(project / "artifacts/ablation/labels_nosink.parquet")["params"]["sink_method"] == "none"
-    second = _dvc(project, "repro")
+    second = run_dvc(project, "repro")
     assert _ran(second) == []
-    assert "up to date" in _dvc(project, "status")
+    assert "up to date" in run_dvc(project, "status")
 
 
 def test_label_threshold_change_reruns_label_and_what_follows(project):
-    _dvc(project, "repro")
+    run_dvc(project, "repro")
     before = pl.read_parquet(project / "artifacts/labels.parquet")
     params_file = project / "params.yaml"
     original = params_file.read_text()
@@ -116,30 +107,30 @@ def test_label_threshold_change_reruns_label_and_what_follows(project):
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     # the stages that read the label section are out of date (a dry run); rerunning the whole chain is the
     # first test's work (minutes), so only label runs here, and what reads its output is then out of date too
-    ran = _ran(_dvc(project, "repro", "--dry"))
+    ran = _ran(run_dvc(project, "repro", "--dry"))
     assert set(ran) == {"label", "label_report", "label_nosink", "label_noassign"}
-    assert _ran(_dvc(project, "repro", "label")) == ["label"]
+    assert _ran(run_dvc(project, "repro", "label")) == ["label"]
     after = pl.read_parquet(project / "artifacts/labels.parquet")
     assert after["n_fg"].sum() <= before["n_fg"].sum()  # a higher fg threshold never adds fg tokens
-    stale = _dvc(project, "status")
+    stale = run_dvc(project, "status")
     assert all(f"{stage}:" in stale for stage in ("train", "label_report", "label_nosink", "label_noassign"))
     assert "evaluate:" not in stale  # not yet: its RPN has not changed until train reruns
     # back to the original threshold: label comes out byte-identical, so nothing after it is out of date
     params_file.write_text(original)
-    _dvc(project, "repro", "label")  # DVC may restore it from its run cache instead of running it
+    run_dvc(project, "repro", "label")  # DVC may restore it from its run cache instead of running it
     assert pl.read_parquet(project / "artifacts/labels.parquet").equals(before)
-    assert "up to date" in _dvc(project, "status")
+    assert "up to date" in run_dvc(project, "status")
 
 
 def test_label_code_change_reruns_only_label(project):
-    _dvc(project, "repro")
+    run_dvc(project, "repro")
     with open(project / "pipeline/teacher/labels.py", "a") as fh:
         fh.write("\n# edited\n")
     # labels.parquet comes out byte-identical, so train (which depends on the artifact, not the code) stays put;
     # evaluate reruns because its raw-attention ablation builds its map with the labels' own aggregation (and
     # benchmarks, which runs evaluate's code)
     before = _out_hashes(project)
-    ran = sorted(_ran(_dvc(project, "repro")))
+    ran = sorted(_ran(run_dvc(project, "repro")))
     assert ran == ["benchmarks", "evaluate", "label", "label_noassign", "label_nosink", "label_report", "release"]
     # and every rerun stage wrote the same bytes as before (evaluate's metrics and plot aside: they carry timings)
     timed = {"artifacts/metrics/evaluate.json", "artifacts/plots/evaluate.csv"}
@@ -155,7 +146,7 @@ def _out_hashes(project: Path) -> dict[str, str]:
 
 
 def test_inspect_draws_every_panel_it_has_data_for(project):
-    _dvc(project, "repro")
+    run_dvc(project, "repro")
     train_id = pl.read_parquet(project / "artifacts/labels.parquet")["sample_id"][0]
     eval_id = pl.read_parquet(project / "artifacts/eval/manifest.parquet")["sample_id"][0]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -184,7 +175,7 @@ def test_release_answers_as_evaluate_did(project, monkeypatch):
     from pipeline.api import SDRPN
     from pipeline.inference.params import InferenceSettings
 
-    _dvc(project, "repro")
+    run_dvc(project, "repro")
     params = yaml.safe_load((project / "params.yaml").read_text())
     settings = InferenceSettings.of_checkpoint(project / "artifacts/release/rpn")
     assert settings is not None and settings.max_new_tokens == params["evaluate"]["max_new_tokens"]
@@ -215,7 +206,7 @@ def test_benchmarks_stage_on_fixture_files(project):
     """`dvc repro benchmarks` with three benchmarks configured: only that stage runs, and it writes the table."""
     from benchmark_fixtures import write_fixture
 
-    _dvc(project, "repro")
+    run_dvc(project, "repro")
     assert (project / "artifacts/benchmarks/table.md").read_text().startswith("No benchmark configured")
     params_file = project / "params.yaml"
     original = params_file.read_text()
@@ -228,12 +219,12 @@ def test_benchmarks_stage_on_fixture_files(project):
     }
     params["benchmarks"].update(sets=sets, max_new_tokens=3, batch_size=4)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc(project, "repro")) == ["benchmarks"]
+    assert _ran(run_dvc(project, "repro")) == ["benchmarks"]
     table = (project / "artifacts/benchmarks/table.md").read_text()
     assert "| method | TextVQA val | throughput |" in table
     assert "| method | V* attributes | V* spatial | V* overall | POPE | avg | throughput |" in table
     metrics = json.loads((project / "artifacts/metrics/benchmarks.json").read_text())
     assert {b: metrics[b]["baseline"]["n"] for b in metrics} == {"textvqa": 4, "vstar": 3, "pope": 6}
-    assert "benchmarks.json" in _dvc(project, "metrics", "show")
+    assert "benchmarks.json" in run_dvc(project, "metrics", "show")
     params_file.write_text(original)
-    _dvc(project, "repro")
+    run_dvc(project, "repro")
