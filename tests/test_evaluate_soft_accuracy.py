@@ -74,3 +74,23 @@ def test_without_annotators_auto_is_exact_match(adapter, manifest):
     preds, metrics = evaluate_manifest(adapter, plain, {}, params, progress=False)
     assert preds.column("score").to_pylist() == [1.0] * len(answers)
     assert metrics["baseline"]["accuracy"] == 1.0
+
+
+def test_vqa_soft_without_annotators_names_the_sample(adapter, manifest):
+    """Forced ``vqa_soft`` on a sample with no ``answers`` fails naming the sample (one answer would score 0)."""
+    table, _ = manifest
+    answers = table.column("answers").to_pylist()
+    answers[2] = None
+    broken = table.set_column(
+        table.schema.get_field_index("answers"), "answers", pa.array(answers, pa.list_(pa.string()))
+    )
+    params = EvalParams(
+        batch_size=8,
+        max_new_tokens=NEW_TOKENS,
+        raw_attention=False,
+        modes=["masked"],
+        roi={"tau": 1.0},
+        scoring="vqa_soft",
+    )
+    with pytest.raises(ValueError, match=r"sample 't2'.*needs the annotators' answers \(field `answers`\)"):
+        evaluate_manifest(adapter, broken, {}, params, progress=False)

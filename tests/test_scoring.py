@@ -31,5 +31,8 @@ def test_multiple_choice_letters():
 def test_auto_picks_soft_when_answers_given():
     assert score("dog", "cat", ["dog"] * 10, "auto") == 1.0
     assert score("dog", "cat", None, "auto") == 0.0
+    # one reference answer is no annotator set: leave-one-out would score every answer 0
+    with pytest.raises(ValueError, match="needs the annotators' answers"):
+        score("cat", "cat", None, "vqa_soft")
     with pytest.raises(ValueError, match="unknown scoring"):
         score("a", "a", None, "bleu")

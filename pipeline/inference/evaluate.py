@@ -254,7 +254,10 @@ def predict_batch(
     if scorer is None:
 
         def scorer(man: dict, response: str) -> float:
-            return score(response, man.get("answer"), man.get("answers"), params.scoring)
+            try:
+                return score(response, man.get("answer"), man.get("answers"), params.scoring)
+            except ValueError as err:
+                raise ValueError(f"sample {man.get('sample_id')!r}: {err}") from None
 
     methods = method_names(rpns, params, main)
     reasons = context_skips(

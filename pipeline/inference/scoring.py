@@ -52,7 +52,10 @@ def score(pred: str, answer: str | None, answers: list[str] | None, scoring: str
     if scoring == "exact":
         return exact_match(pred, answer)
     if scoring == "vqa_soft":
-        return vqa_soft(pred, answers or ([answer] if answer else []))
+        # one reference answer would score 0 under leave-one-annotator-out: refuse rather than report a wrong 0
+        if not answers:
+            raise ValueError("scoring 'vqa_soft' needs the annotators' answers (field `answers`); use exact or auto")
+        return vqa_soft(pred, answers)
     if scoring == "multiple_choice":
         return multiple_choice(pred, answer)
     raise ValueError(f"unknown scoring {scoring!r}; use exact, vqa_soft, multiple_choice or auto")
