@@ -119,18 +119,33 @@ def _colour(x: float) -> tuple[int, int, int]:
 
 
 def heatmap(values: np.ndarray, layers: list[int], heads: list[int], title: str) -> Image.Image:
-    """Layers (rows) x heads (columns), each cell the metric in colour (0 dark, 1 yellow), with axis labels."""
+    """Layers (rows) x heads (columns), each cell the metric in colour (0 dark, 1 yellow), with axis labels and a
+    colour scale; cells grow on small grids so a toy's 8 x 6 stays readable next to a 7B's 32 x 32."""
     n_l, n_h = values.shape
-    img = Image.new("RGB", (MARGIN + n_h * CELL + 10, MARGIN + n_l * CELL + 10), "white")
+    cell = int(min(28, max(CELL, 448 // max(n_l, n_h))))
+    left, top, bar_w = MARGIN, MARGIN + 12, 12
+    grid_w, grid_h = n_h * cell, n_l * cell
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_w = int(probe.textlength(title)) + 8
+    width = max(left + grid_w + 16 + bar_w + 30, title_w)
+    img = Image.new("RGB", (width, top + grid_h + 10), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((MARGIN, 4), title, fill="black")
+    draw.text((4, 4), title, fill="black")
+    draw.text((left, top - 26), "head", fill="black")
+    draw.text((4, top - 12), "layer", fill="black")
+    step_l, step_h = max(1, math.ceil(n_l / 16)), max(1, math.ceil(n_h / 16))
     for li in range(n_l):
-        y = MARGIN + li * CELL
-        if li % max(1, n_l // 16) == 0:
-            draw.text((4, y), str(layers[li]), fill="black")
+        y = top + li * cell
+        if li % step_l == 0:
+            draw.text((8, y + (cell - 10) // 2), str(layers[li]), fill="black")
         for hi in range(n_h):
-            x = MARGIN + hi * CELL
-            draw.rectangle((x, y, x + CELL - 1, y + CELL - 1), fill=_colour(float(values[li, hi])))
-    for hi in range(0, n_h, max(1, n_h // 16)):
-        draw.text((MARGIN + hi * CELL, MARGIN - 14), str(heads[hi]), fill="black")
+            x = left + hi * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=_colour(float(values[li, hi])))
+    for hi in range(0, n_h, step_h):
+        draw.text((left + hi * cell + 2, top - 13), str(heads[hi]), fill="black")
+    bar_x = left + grid_w + 16
+    for row in range(grid_h):
+        draw.line((bar_x, top + row, bar_x + bar_w - 1, top + row), fill=_colour(1 - row / max(1, grid_h - 1)))
+    draw.text((bar_x + bar_w + 3, top - 4), "1", fill="black")
+    draw.text((bar_x + bar_w + 3, top + grid_h - 8), "0", fill="black")
     return img
