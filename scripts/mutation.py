@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -94,35 +96,66 @@ def _setup_cfg(sources: list[str], tests: list[str]) -> str:
     lines = ["[mutmut]", "source_paths=pipeline", "only_mutate="]
     lines += [f"    {s}" for s in sources]
     lines += ["pytest_add_cli_args_test_selection="] + [f"    {t}" for t in tests]
-    lines += ["also_copy="] + [f"    {d}" for d in ("stages", "schemas", "toymodels", "presets", "tests", "bench")]
+    # mutmut runs the tests in its own copy (mutants/), which holds only the sources and these
+    also = ("stages", "schemas", "toymodels", "presets", "tests", "bench", "selection", "params.yaml", "dvc.yaml")
+    lines += ["also_copy="] + [f"    {d}" for d in (*also, "README.md", "pyproject.toml", ".dvcignore")]
     return "\n".join(lines) + "\n"
 
 
-def run_group(name: str, jobs: int) -> dict:
-    """One fresh ``mutmut run`` of group ``name``; returns its mutants' statuses and the wall time."""
+def _mutmut(work: Path, *args: str, log: Path | None = None) -> str:
+    """``mutmut <args>`` in ``work``; the run's noisy progress goes to ``log``, other output is returned."""
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1")
+    if log is None:
+        return subprocess.run([mutmut, *args], cwd=work, env=env, check=True, capture_output=True, text=True).stdout
+    with open(log, "a") as fh:
+        rc = subprocess.run([mutmut, *args], cwd=work, env=env, stdout=fh, stderr=fh).returncode
+    if rc != 0:
+        raise SystemExit(f"{work.name}: mutmut {args[0]} failed (exit {rc}); see {log}")
+    return ""
+
+
+def _statuses(work: Path) -> dict[str, str]:
+    statuses = {}
+    for line in _mutmut(work, "results", "--all", "true").splitlines():
+        mutant, sep, status = line.strip().rpartition(": ")
+        if sep and mutant.startswith("pipeline."):
+            statuses[mutant] = status
+    return statuses
+
+
+def run_group(name: str, jobs: int, sample: int = 0, seed: int = 0, only: list[str] | None = None) -> dict:
+    """One fresh mutmut run of group ``name``: every mutant, a seeded uniform ``sample`` of them, or the ``only``
+    ones (a recheck of earlier survivors); returns the tested mutants' statuses and the wall time."""
     sources, tests = GROUPS[name]
     work = WORK / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     _copy_tree(work)
     (work / "setup.cfg").write_text(_setup_cfg(sources, tests))
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
-    env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1")
+    log = work / "mutmut-run.log"
     start = time.perf_counter()
-    with open(work / "mutmut-run.log", "w") as log:
-        rc = subprocess.run([mutmut, "run", "--max-children", str(jobs)], cwd=work, env=env, stdout=log, stderr=log)
-    seconds = time.perf_counter() - start
-    if rc.returncode != 0:
-        raise SystemExit(f"{name}: mutmut run failed (exit {rc.returncode}); see {work / 'mutmut-run.log'}")
-    listing = subprocess.run(
-        [mutmut, "results", "--all", "true"], cwd=work, env=env, check=True, capture_output=True, text=True
-    ).stdout
-    statuses = {}
-    for line in listing.splitlines():
-        mutant, sep, status = line.strip().rpartition(": ")
-        if sep and mutant.startswith("pipeline."):
-            statuses[mutant] = status
-    return {"seconds": round(seconds, 1), "statuses": statuses}
+    population = None
+    if only is not None:
+        chosen = set(only)
+        if chosen:
+            _mutmut(work, "run", "--max-children", str(jobs), *sorted(chosen), log=log)
+    elif sample:
+        # mutmut generates every mutant on any run; the first mutant of each function of the first source (a
+        # cheap run) lists them all, then the sample is drawn from that list alone
+        _mutmut(work, "run", "--max-children", str(jobs), _prefixes(name)[0] + "*__mutmut_1", log=log)
+        everything = sorted(_statuses(work))
+        population = len(everything)
+        chosen = set(random.Random(f"{seed}:{name}").sample(everything, min(sample, len(everything))))
+        _mutmut(work, "run", "--max-children", str(jobs), *sorted(chosen), log=log)
+    else:
+        _mutmut(work, "run", "--max-children", str(jobs), log=log)
+        chosen = None
+    statuses = _statuses(work)
+    if chosen is not None:
+        statuses = {m: s for m, s in statuses.items() if m in chosen}
+    population = population or len(statuses)
+    return {"seconds": round(time.perf_counter() - start, 1), "statuses": statuses, "population": population}
 
 
 def score(statuses: dict[str, str], equivalent: dict[str, str]) -> dict:
@@ -136,8 +169,18 @@ def score(statuses: dict[str, str], equivalent: dict[str, str]) -> dict:
         "killed": killed,
         "survived": len(survivors),
         "score": killed / len(counted) if counted else float("nan"),
+        "interval": wilson(killed, len(counted)),
         "survivors": survivors,
     }
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a proportion k / n (what a sampled score says about the whole group)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p, z2 = k / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (centre - half, centre + half)
 
 
 def _show(name: str, mutant: str) -> str:
@@ -149,38 +192,63 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("groups", nargs="*", help=f"groups to run (default: all): {', '.join(GROUPS)}")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
+    ap.add_argument("--sample", type=int, default=0, help="test a seeded uniform sample of N mutants per group")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recheck", type=Path, help="a summary.json: test only its survivors again (after new tests)")
+    ap.add_argument("--out", type=Path, default=WORK / "summary.json", help="where the summary JSON goes")
     ap.add_argument("--diff", action="store_true", help="print each survivor's diff")
     args = ap.parse_args()
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
         ap.error(f"unknown groups {unknown}; choose from {list(GROUPS)}")
+    before = json.loads(args.recheck.read_text()) if args.recheck else None
+    groups = args.groups or (list(before) if before else list(GROUPS))
     equivalent = equivalent_mutants()
     summary, total_start = {}, time.perf_counter()
-    for name in args.groups or list(GROUPS):
-        result = run_group(name, args.jobs)
-        summary[name] = {"seconds": result["seconds"], **score(result["statuses"], equivalent)}
-        stale = [m for m in equivalent if m.startswith(tuple(_prefixes(name))) and m not in result["statuses"]]
-        summary[name]["stale_equivalents"] = stale
-        s = summary[name]
+    for name in groups:
+        only = before[name]["survivors"] if before else None
+        result = run_group(name, args.jobs, sample=args.sample, seed=args.seed, only=only)
+        s = {"seconds": result["seconds"], "population": result["population"]}
+        s |= score(result["statuses"], equivalent)
+        if before:  # the earlier run's killed stay killed: tests were only added
+            s["killed"] += before[name]["killed"]
+            s["equivalent"] += before[name]["equivalent"]
+            s["mutants"] = before[name]["mutants"]
+            s["population"] = before[name]["population"]
+            s["score"] = s["killed"] / max(s["killed"] + s["survived"], 1)
+            s["interval"] = wilson(s["killed"], s["killed"] + s["survived"])
+        full = not args.sample and not before
+        s["stale_equivalents"] = (
+            [m for m in equivalent if m.startswith(tuple(_prefixes(name))) and m not in result["statuses"]]
+            if full
+            else []
+        )
+        summary[name] = s
+        lo, hi = s["interval"]
         print(
             f"{name:18s} {s['killed']:4d} killed {s['survived']:4d} survived {s['equivalent']:3d} equivalent "
-            f"of {s['mutants']:4d}  score {s['score']:.1%}  ({s['seconds']:.0f} s)",
+            f"of {s['mutants']:4d} tested ({s['population']} in all)  score {s['score']:.1%} "
+            f"[{lo:.1%}, {hi:.1%}]  ({s['seconds']:.0f} s)",
             flush=True,
         )
         for mutant in s["survivors"]:
             print(f"    survived: {mutant}")
             if args.diff:
                 print("      " + _show(name, mutant).replace("\n", "\n      "))
-        for mutant in stale:
+        for mutant in s["stale_equivalents"]:
             print(f"    stale equivalent entry (no such mutant now): {mutant}")
     killed = sum(s["killed"] for s in summary.values())
     counted = killed + sum(s["survived"] for s in summary.values())
-    print(
-        f"OVERALL {killed} of {counted} non-equivalent mutants killed: {killed / max(counted, 1):.1%} "
-        f"in {time.perf_counter() - total_start:.0f} s with {args.jobs} jobs"
+    # a sample per group: weight each group's score by its size to estimate the whole core's
+    weighted = sum(s["score"] * s["population"] for s in summary.values()) / max(
+        sum(s["population"] for s in summary.values()), 1
     )
-    WORK.mkdir(exist_ok=True)
-    (WORK / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(
+        f"OVERALL {killed} of {counted} tested non-equivalent mutants killed: {killed / max(counted, 1):.1%} "
+        f"(weighted by group size: {weighted:.1%}) in {time.perf_counter() - total_start:.0f} s with {args.jobs} jobs"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1))
 
 
 def _prefixes(name: str) -> list[str]:
