@@ -1,1 +1,1 @@
-"""Human-facing views of the artifacts: per-sample inspect pictures and the summary table."""
+"""Human-facing views of the artifacts: per-sample inspect pictures, the summary table and its HTML page."""

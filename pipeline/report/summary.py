@@ -22,6 +22,9 @@ METHOD_NAMES = {
     "no_label_assignment_masked": "RPN without label assignment",
 }
 
+METHOD_HEADER = ("method", "accuracy", "GT centre in crop", "RoI tokens in GT box", "throughput", "n")
+LABEL_HEADER = ("map", "fg precision", "fg recall", "argmax in box")
+
 
 def _fmt(value: Any, digits: int = 3, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -70,6 +73,26 @@ def label_rows(quality: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def label_caption(quality: dict[str, Any]) -> str:
+    """How many samples the label-quality figures cover, and the sinks found per sample."""
+    sinks = quality.get("sinks") or {}
+    return (
+        f"{quality.get('n_samples_with_gt')} samples with a GT box, "
+        f"{quality.get('n_kept')} kept; sinks per sample {_fmt(sinks.get('per_sample'), 2)}, "
+        f"{_fmt(sinks.get('share_inside_gt_box'), 3)} of them inside a GT box"
+    )
+
+
+def train_caption(train: dict[str, Any]) -> str:
+    """The RPN's held-out fit in one line."""
+    return (
+        f"held-out loss {_fmt(train.get('holdout_loss'), 4)}, "
+        f"fg accuracy {_fmt(train.get('holdout_fg_acc'), 3)}, bg accuracy {_fmt(train.get('holdout_bg_acc'), 3)} "
+        f"({train.get('n_train')} train / {train.get('n_holdout')} held-out samples, "
+        f"{_fmt(train.get('steps'))} steps)"
+    )
+
+
 def summary(
     evaluate: dict[str, dict[str, Any]] | None,
     label_quality: dict[str, Any] | None = None,
@@ -80,21 +103,10 @@ def summary(
     if evaluate:
         n = next(iter(evaluate.values())).get("n")
         parts.append(f"evaluation ({n} samples)")
-        header = ["method", "accuracy", "GT centre in crop", "RoI tokens in GT box", "throughput", "n"]
-        parts.append(table(header, method_rows(evaluate)))
+        parts.append(table(METHOD_HEADER, method_rows(evaluate)))
     if label_quality:
-        sinks = label_quality.get("sinks") or {}
-        parts.append(
-            f"label quality ({label_quality.get('n_samples_with_gt')} samples with a GT box, "
-            f"{label_quality.get('n_kept')} kept; sinks per sample {_fmt(sinks.get('per_sample'), 2)}, "
-            f"{_fmt(sinks.get('share_inside_gt_box'), 3)} of them inside a GT box)"
-        )
-        parts.append(table(["map", "fg precision", "fg recall", "argmax in box"], label_rows(label_quality)))
+        parts.append(f"label quality ({label_caption(label_quality)})")
+        parts.append(table(LABEL_HEADER, label_rows(label_quality)))
     if train:
-        parts.append(
-            f"RPN training: held-out loss {_fmt(train.get('holdout_loss'), 4)}, "
-            f"fg accuracy {_fmt(train.get('holdout_fg_acc'), 3)}, bg accuracy {_fmt(train.get('holdout_bg_acc'), 3)} "
-            f"({train.get('n_train')} train / {train.get('n_holdout')} held-out samples, "
-            f"{_fmt(train.get('steps'))} steps)"
-        )
+        parts.append(f"RPN training: {train_caption(train)}")
     return "\n\n".join(parts)
