@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/sdrpn ] || bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 dvc repro "$@"
-sdrpn report
+sdrpn report --html artifacts/report.html   # the same tables, and one self-contained page with the plots
