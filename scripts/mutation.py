@@ -93,7 +93,9 @@ def _copy_tree(dest: Path) -> None:
 
 
 def _setup_cfg(sources: list[str], tests: list[str]) -> str:
-    lines = ["[mutmut]", "source_paths=pipeline", "only_mutate="]
+    # forkserver: mutmut's main process has run the tests (zarr's IO thread, torch's pools), and a child forked
+    # from it hangs on the first zarr read; a clean server process forks the mutants' test runs instead
+    lines = ["[mutmut]", "source_paths=pipeline", "process_isolation=forkserver", "only_mutate="]
     lines += [f"    {s}" for s in sources]
     lines += ["pytest_add_cli_args_test_selection="] + [f"    {t}" for t in tests]
     # mutmut runs the tests in its own copy (mutants/), which holds only the sources and these
@@ -102,15 +104,16 @@ def _setup_cfg(sources: list[str], tests: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mutmut(work: Path, *args: str, log: Path | None = None) -> str:
+def _mutmut(work: Path, *args: str, log: Path | None = None, check: bool = True) -> str:
     """``mutmut <args>`` in ``work``; the run's noisy progress goes to ``log``, other output is returned."""
     mutmut = str(Path(sys.executable).with_name("mutmut"))
-    env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1")
+    # one thread each: --jobs test processes share the cores
+    env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if log is None:
         return subprocess.run([mutmut, *args], cwd=work, env=env, check=True, capture_output=True, text=True).stdout
     with open(log, "a") as fh:
         rc = subprocess.run([mutmut, *args], cwd=work, env=env, stdout=fh, stderr=fh).returncode
-    if rc != 0:
+    if rc != 0 and check:
         raise SystemExit(f"{work.name}: mutmut {args[0]} failed (exit {rc}); see {log}")
     return ""
 
@@ -141,10 +144,12 @@ def run_group(name: str, jobs: int, sample: int = 0, seed: int = 0, only: list[s
         if chosen:
             _mutmut(work, "run", "--max-children", str(jobs), *sorted(chosen), log=log)
     elif sample:
-        # mutmut generates every mutant on any run; the first mutant of each function of the first source (a
-        # cheap run) lists them all, then the sample is drawn from that list alone
-        _mutmut(work, "run", "--max-children", str(jobs), _prefixes(name)[0] + "*__mutmut_1", log=log)
+        # mutmut generates every mutant (and collects which tests cover what) before it filters by name: a filter
+        # that matches nothing stops it right there with the full list written, to draw the sample from
+        _mutmut(work, "run", "--max-children", str(jobs), "list-only-no-such-mutant", log=log, check=False)
         everything = sorted(_statuses(work))
+        if not everything:
+            raise SystemExit(f"{name}: mutmut generated no mutants; see {log}")
         population = len(everything)
         chosen = set(random.Random(f"{seed}:{name}").sample(everything, min(sample, len(everything))))
         _mutmut(work, "run", "--max-children", str(jobs), *sorted(chosen), log=log)
