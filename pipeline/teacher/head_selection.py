@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pipeline.config import check_min, check_positive
+from pipeline.config import check_indices, check_min, check_positive
 from pipeline.io.attention_store import AttentionStore
 from pipeline.teacher.label_report import label_quality
 from pipeline.teacher.labels import LabelParams, fg_mask, label_block
@@ -49,6 +49,7 @@ class SelectParams:
 
     def __post_init__(self) -> None:
         check_min("n_samples", self.n_samples)
+        check_indices("layers", self.layers, optional=True, what="decoder layer indices")
         check_min("batch_size", self.batch_size)
         check_min("top_k", self.top_k)
         check_min("bootstrap", self.bootstrap, 0)
