@@ -57,7 +57,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "attention_capture": (
         ["pipeline/teacher/attention_capture.py", "pipeline/models/attention_math.py"],
-        ["tests/test_attention_capture.py", "tests/test_dump_row_flags.py"],
+        ["tests/test_attention_capture.py", "tests/test_dump_row_flags.py", "tests/test_attention_math.py"],
     ),
     "dump": (["pipeline/teacher/dump.py"], ["tests/test_dump_row_flags.py", "tests/test_known_bg.py"]),
     "rpn": (["pipeline/student/rpn.py"], ["tests/test_rpn.py"]),
