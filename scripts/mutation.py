@@ -59,7 +59,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["pipeline/teacher/attention_capture.py", "pipeline/models/attention_math.py"],
         ["tests/test_attention_capture.py", "tests/test_dump_row_flags.py", "tests/test_attention_math.py"],
     ),
-    "dump": (["pipeline/teacher/dump.py"], ["tests/test_dump_row_flags.py", "tests/test_known_bg.py"]),
+    "dump": (
+        ["pipeline/teacher/dump.py"],
+        ["tests/test_dump_row_flags.py", "tests/test_known_bg.py", "tests/test_dump_selection.py"],
+    ),
     "rpn": (["pipeline/student/rpn.py"], ["tests/test_rpn.py"]),
     "train": (
         ["pipeline/student/train.py"],
