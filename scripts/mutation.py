@@ -63,7 +63,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["pipeline/teacher/dump.py"],
         ["tests/test_dump_row_flags.py", "tests/test_known_bg.py", "tests/test_dump_selection.py"],
     ),
-    "rpn": (["pipeline/student/rpn.py"], ["tests/test_rpn.py"]),
+    "rpn": (["pipeline/student/rpn.py"], ["tests/test_rpn.py", "tests/test_rpn_edges.py"]),
     "train": (
         ["pipeline/student/train.py"],
         ["tests/test_train.py", "tests/test_train_step_math.py", "tests/test_params_fields.py"],
