@@ -96,3 +96,25 @@ def test_default_flags_are_the_reference_rows(adapter, inputs):
     np.testing.assert_array_equal(block.attention, want.attention.numpy())
     assert (block.attention[1] == 0).all()
     assert torch.equal(want.n_rows, torch.tensor([2, 0, 4, 1]))
+
+
+def test_dump_runs_batches_of_batch_size(adapter, inputs, monkeypatch):
+    """batch_size 3 over 4 samples: two forwards (3 + 1), and the store holds what one batch of 4 gives."""
+    import pipeline.teacher.dump as dump
+
+    root, manifest, responses, _ = inputs
+    sizes = []
+
+    def counting(adapter, batch, *args, **kwargs):
+        sizes.append(batch.inputs["input_ids"].shape[0])
+        return capture_attention(adapter, batch, *args, **kwargs)
+
+    monkeypatch.setattr(dump, "capture_attention", counting)
+    path = root / "store-batch3.zarr"
+    writer = AttentionStoreWriter.create(path, manifest.num_rows, LAYERS, max_visual_tokens(adapter, manifest))
+    dump_attention(adapter, manifest, responses, DumpParams(layers=LAYERS, batch_size=3), writer, progress=False)
+    assert sizes == [3, 1]
+    block = open_attention_store(path).read(0, manifest.num_rows)
+    whole = _dump(adapter, inputs, False, False, False)
+    assert block.n_response.tolist() == whole.n_response.tolist()
+    np.testing.assert_allclose(block.attention, whole.attention, atol=1e-5)
