@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.student.params import TrainParams
 from pipeline.student.rpn import RPN
-from pipeline.student.train import Sample, evaluate, make_micro, train_rpn
+from pipeline.student.train import Sample, evaluate, label_arrays, make_micro, train_rpn
 from tests.conftest import random_images
 
 QUESTIONS = ["what is in the red box ?", "what colour is the shape ?", "what is in the blue box ?", "a b"]
@@ -159,3 +159,46 @@ def test_holdout_without_fg_tokens_is_none(adapter, held_out):
     only_bg = [replace(s, labels=np.where(s.labels == 1, -1, s.labels).astype(np.int8)) for s in held_out]
     got = evaluate(FixedLogits([-1.0] * 16), adapter, only_bg, np.arange(3), ONE_STEP)
     assert got["holdout_fg_acc"] is None and got["holdout_bg_acc"] == 1.0
+
+
+# --- the no-assignment ablation: soft targets, mse objective ----------------------------------------------
+
+
+def test_soft_targets_stay_soft_and_train_with_mse(adapter, samples, monkeypatch):
+    """objective mse on float soft targets: the micro-batch keeps the fractions (not cast to int8), and the first
+    step's loss is the mean squared error of sigmoid(logits) over the kept tokens, not a BCE."""
+    soft = []
+    for s in samples:
+        target = np.where(s.labels == -1, -1.0, np.linspace(0.05, 0.95, 16)).astype(np.float32)
+        soft.append(Sample(s.sample_id, s.image, s.question, target, s.grid))
+    mb = make_micro(adapter, soft, np.arange(len(soft)))
+    assert mb.labels.dtype == torch.float32
+    keep = (mb.labels != -1) & mb.batch.visual_valid
+    torch.testing.assert_close(
+        mb.labels[keep], torch.from_numpy(np.concatenate([t.labels[t.labels != -1] for t in soft]))
+    )
+
+    rpn = RPN.from_base(adapter, ONE_STEP.B, ONE_STEP.R)
+    with torch.no_grad():
+        logits = rpn(mb.batch)
+    want = float(((torch.sigmoid(logits[keep]) - mb.labels[keep]) ** 2).mean())
+    res = train_rpn(adapter, soft, replace(ONE_STEP, objective="mse"), progress=False)
+    assert res.records[0]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_label_arrays_keep_their_dtypes():
+    """Tri-state labels stay int8 (a quarter of float32 for a store of millions of tokens), soft targets float32."""
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "sample_id": ["a", "b"],
+            "grid_h": [1, 2],
+            "grid_w": [2, 1],
+            "labels": pa.array([[1, -1], [0, 1]], pa.list_(pa.int8())),
+            "soft_target": pa.array([[0.25, -1.0], [0.5, 1.0]], pa.list_(pa.float32())),
+        }
+    )
+    labels, soft = label_arrays(table), label_arrays(table, "soft_target")
+    assert [a.dtype for a in labels] == [np.int8] * 2 and [a.tolist() for a in labels] == [[1, -1], [0, 1]]
+    assert [a.dtype for a in soft] == [np.float32] * 2 and [a.tolist() for a in soft] == [[0.25, -1.0], [0.5, 1.0]]
