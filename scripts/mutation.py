@@ -70,7 +70,13 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "two_stage": (
         ["pipeline/inference/two_stage.py", "pipeline/inference/prefix_cache.py"],
-        ["tests/test_two_stage.py", "tests/test_prefix_cache.py", "tests/test_padded_views.py"],
+        [
+            "tests/test_two_stage.py",
+            "tests/test_prefix_cache.py",
+            "tests/test_padded_views.py",
+            "tests/test_qwen_two_stage.py",
+            "tests/test_masked_keep.py",
+        ],
     ),
     "scoring": (
         ["pipeline/inference/scoring.py", "pipeline/benchmarks/scorers.py"],

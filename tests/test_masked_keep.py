@@ -86,3 +86,21 @@ def test_a_padded_crop_needs_its_size():
         masked_keep(
             _mask(0), (0, 0, 1, 1), (2, 2), crop_frame=Frame(Fraction(0), Fraction(0), Fraction(2), Fraction(2))
         )
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    """transformers renamed the KV-cache keyword (past_key_values -> cache): prefix reuse passes whichever the
+    model's forward takes."""
+    import torch
+
+    from pipeline.inference.prefix_cache import cache_kwarg
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    assert (cache_kwarg(New()), cache_kwarg(Old())) == ("cache", "past_key_values")
