@@ -87,8 +87,14 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_scorer_records.py",
         ],
     ),
-    "manifest": (["pipeline/io/manifest.py"], ["tests/test_manifest.py", "tests/test_manifest_duplicates.py"]),
-    "contracts": (["pipeline/io/contracts.py"], ["tests/test_contracts.py", "tests/test_contracts_full_read.py"]),
+    "manifest": (
+        ["pipeline/io/manifest.py"],
+        ["tests/test_manifest.py", "tests/test_manifest_duplicates.py", "tests/test_faults_inputs.py"],
+    ),
+    "contracts": (
+        ["pipeline/io/contracts.py"],
+        ["tests/test_contracts.py", "tests/test_contracts_full_read.py", "tests/test_contract_details.py"],
+    ),
     "attention_store": (
         ["pipeline/io/attention_store.py"],
         ["tests/test_attention_store.py", "tests/test_faults_store.py"],
