@@ -89,7 +89,12 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "manifest": (
         ["pipeline/io/manifest.py"],
-        ["tests/test_manifest.py", "tests/test_manifest_duplicates.py", "tests/test_faults_inputs.py"],
+        [
+            "tests/test_manifest.py",
+            "tests/test_manifest_duplicates.py",
+            "tests/test_faults_inputs.py",
+            "tests/test_manifest_boxes.py",
+        ],
     ),
     "contracts": (
         ["pipeline/io/contracts.py"],
