@@ -102,7 +102,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "attention_store": (
         ["pipeline/io/attention_store.py"],
-        ["tests/test_attention_store.py", "tests/test_faults_store.py"],
+        ["tests/test_attention_store.py", "tests/test_faults_store.py", "tests/test_attention_store_edges.py"],
     ),
 }
 # mutmut's statuses: found by the tests, not found, and neither (left out of the score)
