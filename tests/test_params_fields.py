@@ -164,3 +164,30 @@ def test_the_table_covers_every_checked_field():
     for cls in (RoIParams, LabelParams, TrainParams, EvalParams, SelectParams, DecodeParams, DumpParams):
         missing = {(cls, f.name) for f in fields(cls)} - covered - free
         assert not missing, sorted(n for _, n in missing)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: LabelParams(layers=[-1]), "layers: layer indices must be integers >= 0 (got [-1])"),
+        (lambda: LabelParams(heads=[-1]), "heads: head indices must be integers >= 0 (got [-1])"),
+        (lambda: LabelParams(sink_attn_heads=[1, 1]), "sink_attn_heads: head indices must be distinct; [1] repeated"),
+        (lambda: LabelParams(layers=[2], heads={2: [-1]}), "heads.2: head indices must be integers >= 0 (got [-1])"),
+        (
+            lambda: LabelParams(layers=[2, 5], heads={2: [0]}),
+            "heads: has no head list for layer(s) [5] of layers [2, 5]",
+        ),
+        (lambda: LabelParams(heads={}), "heads: a per-layer mapping needs at least one layer"),
+        (lambda: DumpParams(layers=[]), "layers: must be a non-empty list of decoder layer indices (got [])"),
+        (
+            lambda: EvalParams(raw_attention_layers=[3, 3]),
+            "raw_attention_layers: decoder layer indices must be distinct",
+        ),
+        (lambda: SelectParams(layers=[-2]), "layers: decoder layer indices must be integers >= 0"),
+    ],
+)
+def test_index_errors_say_what_the_indices_are(build, message):
+    """The message says which kind of index is wrong (a layer or a head number), as the user wrote it."""
+    with pytest.raises(FieldError) as err:
+        build()
+    assert str(err.value).startswith(message), str(err.value)

@@ -202,3 +202,18 @@ def test_label_arrays_keep_their_dtypes():
     labels, soft = label_arrays(table), label_arrays(table, "soft_target")
     assert [a.dtype for a in labels] == [np.int8] * 2 and [a.tolist() for a in labels] == [[1, -1], [0, 1]]
     assert [a.dtype for a in soft] == [np.float32] * 2 and [a.tolist() for a in soft] == [[0.25, -1.0], [0.5, 1.0]]
+
+
+def test_states_are_saved_between_steps_not_after_the_last(adapter, samples, monkeypatch, tmp_path, capsys):
+    """save_every 1 over two steps: one resumable state, after step 1 (the last step's result is the RPN itself);
+    the log names each step out of the total."""
+    import pipeline.student.train as train
+
+    saved = []
+    monkeypatch.setattr(train, "save_state", lambda path, rpn, opt, step, records: saved.append(step))
+    params = replace(ONE_STEP, global_batch=2, save_every=1, log_every=1)
+    train_rpn(adapter, samples, params, state_dir=tmp_path / "state", progress=False)
+    assert saved == [1]
+    out = capsys.readouterr()
+    log = out.out + out.err
+    assert "train: step 1/2 loss " in log and "train: step 2/2 loss " in log
