@@ -94,6 +94,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_manifest_duplicates.py",
             "tests/test_faults_inputs.py",
             "tests/test_manifest_boxes.py",
+            "-k",
+            "not inspect",  # inspect needs the embedded model, which mutmut's copy of the tree has not
         ],
     ),
     "contracts": (
@@ -250,7 +252,11 @@ def main() -> None:
     summary, total_start = {}, time.perf_counter()
     for name in groups:
         only = before[name]["survivors"] if before else None
-        result = run_group(name, args.jobs, sample=args.sample, seed=args.seed, only=only)
+        try:
+            result = run_group(name, args.jobs, sample=args.sample, seed=args.seed, only=only)
+        except SystemExit as exc:  # one group's failure (its log says why) does not lose the others' results
+            print(f"{name:18s} FAILED: {exc}", flush=True)
+            continue
         s = {"seconds": result["seconds"], "population": result["population"]}
         s |= score(result["statuses"], equivalent)
         if before:  # the earlier run's killed stay killed: tests were only added
