@@ -94,6 +94,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_manifest_duplicates.py",
             "tests/test_faults_inputs.py",
             "tests/test_manifest_boxes.py",
+            "tests/test_manifest_sources.py",
             "-k",
             "not inspect",  # inspect needs the embedded model, which mutmut's copy of the tree has not
         ],
