@@ -31,8 +31,8 @@ def test_grids_one_token_high_or_wide(tmp_path):
 def test_empty_grids_are_refused(tmp_path):
     w = AttentionStoreWriter.create(tmp_path / "s.zarr", 2, [2], 8)
     att = np.zeros((2, 1, 8), np.float32)
-    with pytest.raises(ValueError, match=r"\['b'\]"):
-        w.write(0, ["a", "b"], np.array([[2, 2], [0, 4]]), np.ones(2, np.int32), att, att)
+    with pytest.raises(ValueError, match=r"for samples \['b'\]$"):  # the 1 x 4 grid of 'a' is fine
+        w.write(0, ["a", "b"], np.array([[1, 4], [0, 4]]), np.ones(2, np.int32), att, att)
 
 
 def test_default_provenance_is_an_empty_mapping(tmp_path):
