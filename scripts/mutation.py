@@ -182,8 +182,9 @@ def run_group(name: str, jobs: int, sample: int = 0, seed: int = 0, only: list[s
     population = None
     if only is not None:
         chosen = set(only)
-        if chosen:
-            _mutmut(work, "run", "--max-children", str(jobs), *sorted(chosen), log=log)
+        if not chosen:  # nothing survived before: nothing to test, and mutmut made no mutants to list
+            return {"seconds": 0.0, "statuses": {}, "population": 0}
+        _mutmut(work, "run", "--max-children", str(jobs), *sorted(chosen), log=log)
     elif sample:
         # mutmut generates every mutant (and collects which tests cover what) before it filters by name: a filter
         # that matches nothing stops it right there with the full list written, to draw the sample from

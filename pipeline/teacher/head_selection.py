@@ -263,7 +263,7 @@ def bootstrap_ci(x: np.ndarray, reps: int = 1000, seed: int = 0, level: float = 
 
 def ranked_heads(scores: np.ndarray, store: AttentionStore) -> list[tuple[int, int]]:
     """(layer, head) model indices by mean score, best first (NaN last; ties: earlier layer, lower head)."""
-    mean = np.nanmean(np.where(np.isfinite(scores), scores, np.nan), 0) if len(scores) else scores
+    mean = np.nanmean(scores, 0) if len(scores) else scores
     order = sorted(
         ((li, hi) for li in range(mean.shape[0]) for hi in range(mean.shape[1])),
         key=lambda lh: (-(mean[lh] if np.isfinite(mean[lh]) else -np.inf), lh),
