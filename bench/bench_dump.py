@@ -17,12 +17,10 @@ import argparse
 import numpy as np
 import torch
 from PIL import Image
-from shapes import EMBEDDED, LLAVA7B, WORDS, timeit
+from shapes import EMBEDDED, LLAVA7B, random_llava, timeit
 
-from pipeline.models import wrap_model
 from pipeline.teacher.attention_capture import capture_attention
 from pipeline.teacher.decode import decode_batch
-from toymodels.llava import build_toy_llava
 
 PRESETS = {
     "llava7b": dict(sizes=LLAVA7B, layers=[14], batch=48, new_tokens=16),
@@ -40,15 +38,10 @@ def main() -> None:
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batch_size = args.batch or preset["batch"]
 
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model, processor = build_toy_llava(WORDS, preset["sizes"])
-    torch.set_default_dtype(torch.float32)
-    model.set_attn_implementation("sdpa")
-    adapter = wrap_model(model, processor, args.preset)
+    adapter, dtype = random_llava(preset["sizes"], device, args.preset)
+    model = adapter.model
     # random weights never say EOS on purpose: force every response to full length for equal work
     model.generation_config.eos_token_id = None
 

@@ -22,14 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from shapes import EMBEDDED, LLAVA7B, WORDS, sync, timeit
+from shapes import EMBEDDED, LLAVA7B, random_llava, sync, timeit
 
 from pipeline.io.attention_store import AttentionStoreWriter, open_attention_store
-from pipeline.models import wrap_model
 from pipeline.teacher.attention_capture import capture_attention
 from pipeline.teacher.head_selection import head_scores
 from pipeline.teacher.labels import LabelParams
-from toymodels.llava import build_toy_llava
 
 PRESETS = {
     "llava7b": dict(sizes=LLAVA7B, label_layers=[14], batch=8, new_tokens=16),
@@ -50,14 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bsz = args.batch or preset["batch"]
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model, processor = build_toy_llava(WORDS, preset["sizes"])
-    torch.set_default_dtype(torch.float32)
-    model.set_attn_implementation("sdpa")
-    adapter = wrap_model(model, processor, args.preset)
+    adapter, dtype = random_llava(preset["sizes"], device, args.preset)
     n_layers = len(adapter.decoder_layers)
     n_heads = adapter.attention_geometry[0]
 

@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from shapes import EMBEDDED, LLAVA7B, WORDS
+from shapes import EMBEDDED, LLAVA7B, random_llava
 
-from pipeline.models import wrap_model
 from pipeline.student.params import TrainParams
 from pipeline.student.train import Sample, train_rpn
-from toymodels.llava import build_toy_llava
 
 PAPER_SAMPLES_PER_S = 152_000 / (2 * 3600)  # ~21: 152K samples in ~2 h on 4x A6000
 TARGET_SAMPLES_PER_S = 42.0  # one H100: 152K in under an hour
@@ -61,18 +59,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     global_batch = args.global_batch or preset["global_batch"]
     micro_batch = args.micro_batch or preset["micro_batch"]
     steps = args.steps or preset["steps"]
 
     t0 = time.perf_counter()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model, processor = build_toy_llava(WORDS, preset["sizes"])
-    torch.set_default_dtype(torch.float32)
-    model.set_attn_implementation("sdpa")
-    adapter = wrap_model(model, processor, args.preset)
+    adapter, dtype = random_llava(preset["sizes"], device, args.preset)
     grid = adapter.grid_shape
     print(f"built {args.preset} on {device} ({dtype}) in {time.perf_counter() - t0:.1f} s")
 

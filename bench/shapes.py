@@ -37,6 +37,23 @@ EMBEDDED = SIZES
 WORDS = [f"w{i}" for i in range(64)] + ["what", "is", "in", "the", "red", "box", "?"]
 
 
+def random_llava(sizes: ToyLlavaSizes, device: torch.device, name: str):
+    """A LLaVA adapter of shape ``sizes`` with random weights, built on ``device`` in bf16 on a GPU and float32
+    on the CPU; returns (adapter, dtype)."""
+    from pipeline.models import wrap_model
+    from toymodels.llava import build_toy_llava
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model, processor = build_toy_llava(WORDS, sizes)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.set_attn_implementation("sdpa")
+    return wrap_model(model, processor, name), dtype
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work so wall-clock timings mean something."""
     if device.type == "cuda":
